@@ -1,0 +1,183 @@
+"""Every knob of a training run, in one dataclass. The CLI and the optional YAML/TOML config file derive from it.
+
+Precedence, lowest first: dataclass defaults < --preset < --config file < command-line flags.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad configuration value: the message is one line naming the problem and the fix."""
+
+
+def knob(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # data
+    data_dir: str = knob("data", "directory holding cifar100_{train,test}.beton and manifest.json (make prep-data)")
+    num_workers: int = knob(4, "FFCV loader threads per process")
+    # model
+    model: str = knob("resnet18", "architecture", ["resnet18", "seed2018"])
+    width: int = knob(64, "base channel width of resnet18 (64 is the standard ResNet-18)")
+    norm: str = knob("bn", "normalisation layer: BatchNorm, or GroupNorm (batch-independent)", ["bn", "gn"])
+    sync_bn: bool = knob(False, "SyncBatchNorm: batch statistics over all ranks (GPU only; for small per-GPU batches)")
+    # optimisation
+    epochs: int = knob(40, "training epochs")
+    batch_size: int = knob(512, "global batch size, split evenly over the ranks")
+    lr: float = knob(0.4, "peak learning rate (SGD)")
+    momentum: float = knob(0.9, "SGD momentum")
+    nesterov: bool = knob(True, "Nesterov momentum")
+    weight_decay: float = knob(5e-4, "L2 weight decay")
+    label_smoothing: float = knob(0.1, "label smoothing of the training loss")
+    schedule: str = knob("onecycle", "lr schedule: linear warm-up then linear decay to 0, or constant",
+                         ["onecycle", "constant"])
+    warmup_epochs: float = knob(5.0, "onecycle: epochs of linear warm-up to the peak lr")
+    # augmentation (flip always; on the device, seeded by seed, epoch and rank)
+    augment: bool = knob(True, "training augmentation: random flip, translate and cutout")
+    translate: int = knob(2, "random translation of up to this many pixels (0: off)")
+    cutout: int = knob(4, "side of the cutout square in pixels (0: off)")
+    # precision and speed
+    amp: str = knob("auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler; "
+                            "off on CPU", ["auto", "bf16", "fp16", "off"])
+    channels_last: bool = knob(True, "channels_last memory format for model and inputs")
+    compile: bool = knob(False, "torch.compile the model")
+    deterministic: bool = knob(False, "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
+    eval_batch_size: int = knob(1000, "per-rank batch size for evaluation")
+    # run
+    seed: int = knob(0, "seed for initialisation, data order and augmentation")
+    out_dir: str = knob("runs", "where each run's directory (final model) goes")
+    run_name: str = knob("", "run name (default: model-width-batch-lr-world-date)")
+    progress: str = knob("auto", "progress display: a tqdm bar on a TTY, one line per epoch otherwise",
+                         ["auto", "bar", "line"])
+    dist_timeout: int = knob(600, "seconds before a stuck collective fails the job")
+    # tracking
+    mlflow: bool = knob(True, "track the run in MLflow (rank 0 only)")
+    tracking_uri: str = knob("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    experiment: str = knob("", "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cifar100-ddp)")
+
+    def validate(self, world_size: int = 1) -> None:
+        positive = ["epochs", "batch_size", "lr", "width", "eval_batch_size", "num_workers", "dist_timeout"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ["weight_decay", "warmup_epochs", "translate", "cutout"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("--nesterov needs --momentum > 0; pass --no-nesterov or a momentum")
+        if self.sync_bn and self.norm != "bn":
+            raise ConfigError("--sync-bn applies to BatchNorm only; drop it or use --norm bn")
+        if self.batch_size % world_size:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the world size {world_size}; "
+                              f"use a multiple of {world_size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Named recipes; a preset sets these fields, the config file and flags still override them.
+PRESETS = {
+    # The 2018 single-process trainer this project started from: 62.7% test top-1 after 70 epochs.
+    "seed2018": dict(model="seed2018", epochs=70, batch_size=256, lr=0.01, momentum=0.9, nesterov=False,
+                     weight_decay=1e-5, label_smoothing=0.0, schedule="constant", translate=4, cutout=0),
+    # What `make train` runs on a machine without a GPU: a narrow ResNet-18 on the synthetic set, a few minutes.
+    "cpu-demo": dict(width=16, epochs=4, batch_size=256, lr=0.2, warmup_epochs=1.0, num_workers=1,
+                     eval_batch_size=500),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message}; see python -m ddp_train --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m ddp_train", description="Train on CIFAR-100 with DDP (run under torchrun).",
+                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p.add_argument("--config", type=Path, help="YAML or TOML file of config fields (flags override it)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (config file and flags override it)")
+    for f in FIELDS.values():
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})", dest=f.name)
+        if f.type is bool:
+            p.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(f"--{flag(f.name)}", type=f.type, choices=f.metadata["choices"], metavar=f.type.__name__
+                           if not f.metadata["choices"] else None, **kw)
+    return p
+
+
+def _coerce(name: str, value, origin: str):
+    if name not in FIELDS:
+        raise ConfigError(f"{origin}: unknown config key '{name}'; see python -m ddp_train --help for the fields")
+    f = FIELDS[name]
+    ok = isinstance(value, f.type) and not (f.type is not bool and isinstance(value, bool))
+    if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{origin}: '{name}' must be {f.type.__name__}, got {value!r}")
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise ConfigError(f"{origin}: '{name}' must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+    return value
+
+
+def load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of field: value")
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def parse(argv=None) -> Config:
+    """Config from presets, file and flags. Bad input exits 2 with one line."""
+    ns = vars(build_parser().parse_args(argv))
+    try:
+        values = {}
+        preset = ns.pop("preset", None)
+        path = ns.pop("config", None)
+        file_values = load_file(path) if path else {}
+        preset = file_values.pop("preset", None) if preset is None else preset
+        file_values.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown preset '{preset}'; choose from {', '.join(sorted(PRESETS))}")
+            values.update(PRESETS[preset])
+        values.update({k: _coerce(k, v, f"--config {path}") for k, v in file_values.items()})
+        values.update(ns)
+        cfg = Config(**values)
+        cfg.tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        cfg.experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or "cifar100-ddp"
+        cfg.validate()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return cfg

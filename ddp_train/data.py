@@ -1,0 +1,92 @@
+"""FFCV loaders for the betons, and the augmentation and normalisation that run on the local device.
+
+FFCV decodes raw uint8 images and moves them to the device. Flip, translate and cutout (the pipeline of FFCV's
+CIFAR example) then run as batched torch ops on the device with a generator seeded by (seed, epoch, rank):
+FFCV's own augmentations draw from numba's per-thread RNG, which no seed reaches, so runs and resumes would not
+repeat.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_prep import manifest as manifest_lib
+
+MEAN = (0.507, 0.487, 0.441)
+STD = (0.267, 0.256, 0.276)
+
+
+def _pipelines(device: torch.device, coarse: bool) -> dict:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+    non_blocking = device.type == "cuda"
+    label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=non_blocking), Squeeze(1)]
+    return {"image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=non_blocking),
+                      ToTorchImage(channels_last=True)],
+            "fine_label": label,
+            "coarse_label": list(label) if coarse else None}
+
+
+def train_loader(data_dir: str, per_rank_batch: int, workers: int, seed: int, device: torch.device,
+                 distributed: bool):
+    """RANDOM order, reshuffled every epoch from (seed, epoch); distributed splits it across ranks without overlap.
+    Yields (uint8 NCHW channels_last images, fine labels) on `device`; drops the last partial batch."""
+    from ffcv.loader import Loader, OrderOption
+    return Loader(str(Path(data_dir) / manifest_lib.beton_name("train")), batch_size=per_rank_batch,
+                  num_workers=workers, order=OrderOption.RANDOM, distributed=distributed, seed=seed, drop_last=True,
+                  pipelines=_pipelines(device, coarse=False))
+
+
+def test_loader(data_dir: str, batch: int, workers: int, rank: int, world_size: int, device: torch.device):
+    """This rank's share of the test set: every world_size-th image from `rank`, so that over all ranks each image
+    is seen exactly once (FFCV's distributed SEQUENTIAL order pads with duplicates instead).
+    Yields (images, fine labels, coarse labels)."""
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+    path = str(Path(data_dir) / manifest_lib.beton_name("test"))
+    n = Reader(path).num_samples
+    return Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.SEQUENTIAL, drop_last=False,
+                  indices=np.arange(rank, n, world_size, dtype=np.uint64), pipelines=_pipelines(device, coarse=True))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW → float32 normalised with the CIFAR-100 mean/std, keeping the memory format."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, translate: int, cutout: int) -> torch.Tensor:
+    """Random horizontal flip, translation by up to `translate` px and a `cutout`×`cutout` square, per image, on a
+    normalised batch (so 0 fills with the dataset mean, like FFCV's fill=mean)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    if translate:
+        p = translate
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n, 1), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * p + 1, (n, 1), generator=gen, device=dev)
+        rows = dy + torch.arange(h, device=dev)           # n×h
+        cols = dx + torch.arange(w, device=dev)           # n×w
+        idx = torch.arange(n, device=dev).view(n, 1, 1)
+        x = padded[idx, :, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)  # NHWC memory: channels_last
+    if cutout:
+        cy = torch.randint(0, h, (n, 1, 1), generator=gen, device=dev)
+        cx = torch.randint(0, w, (n, 1, 1), generator=gen, device=dev)
+        ys = torch.arange(h, device=dev).view(1, h, 1) - cy + cutout // 2
+        xs = torch.arange(w, device=dev).view(1, 1, w) - cx + cutout // 2
+        keep = ~((ys >= 0) & (ys < cutout) & (xs >= 0) & (xs < cutout))
+        x = x * keep.unsqueeze(1)
+    return x
+
+
+def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """The augmentation RNG of one rank in one epoch: a function of (seed, epoch, rank) only, so a resumed run
+    draws what the uninterrupted run drew."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1))
+    return g

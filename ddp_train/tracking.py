@@ -1,0 +1,117 @@
+"""MLflow tracking, on rank 0 only. Every call is guarded: tracking problems are reported, never fatal."""
+import os
+import platform
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+
+def git_state() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return {}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return {"git_commit": commit.stdout.strip(), "git_dirty": str(bool(dirty.stdout.strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+class Tracker:
+    """One MLflow run for the job. `enabled=False` (other ranks, --no-mlflow) makes every method a no-op."""
+
+    def __init__(self, enabled: bool, tracking_uri: str, experiment: str, log=print):
+        self.enabled = enabled
+        self.log = log
+        self.errors = 0
+        self.run_id = None
+        self.uri = None
+        if not enabled:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import mlflow
+        self.mlflow = mlflow
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        self.uri = mlflow.get_tracking_uri()
+        self.experiment = experiment
+
+    def _guard(self, what, fn, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # tracking must never stop training
+            self.errors += 1
+            self.log(f"warning: MLflow {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                     "training continues")
+            return None
+
+    def start(self, run_name: str, params: dict, tags: dict) -> None:
+        def _start():
+            self.mlflow.set_experiment(self.experiment)
+            run = self.mlflow.start_run(run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            self.mlflow.log_params({k: str(v) for k, v in params.items()})
+        self._guard("start", _start)
+        if self.run_id:
+            self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {self.uri}")
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.run_id:
+            self._guard("log_metrics", self.mlflow.log_metrics, metrics, step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        if self.run_id:
+            self._guard("set_tags", self.mlflow.set_tags, tags)
+
+    def log_model(self, model, input_example) -> None:
+        if not self.run_id:
+            return
+
+        def _log():
+            import mlflow.pytorch
+            import torch
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.pytorch.log_model(model, name="model", input_example=input_example,
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        self._guard("log_model", _log)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.run_id:
+            self._guard("log_artifact", self.mlflow.log_artifact, str(path))
+
+    def finish(self, status: str) -> None:
+        if self.run_id:
+            self._guard("end_run", self.mlflow.end_run, status=status)
+
+
+def environment_tags(world_size: int, device, manifest_checksum: str, manifest: dict) -> dict:
+    import torch
+    tags = {"world_size": str(world_size), "device_type": device.type, "hostname": socket.gethostname(),
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "dataset_manifest_sha256": manifest_checksum, "dataset_source": str(manifest.get("source")),
+            "dataset_official": str(manifest.get("official")).lower()}
+    if device.type == "cuda":
+        tags["device_name"] = torch.cuda.get_device_name(device)
+        tags["device_count"] = str(torch.cuda.device_count())
+    else:
+        tags["device_name"] = platform.processor() or platform.machine()
+    try:
+        from importlib.metadata import version
+        tags["ffcv_version"] = version("ffcv")
+        tags["mlflow_version"] = version("mlflow")
+    except Exception:
+        pass
+    tags.update(git_state())
+    for env in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
+        if env in os.environ:
+            tags[env.lower()] = os.environ[env]
+    tags["command"] = " ".join(sys.argv)[:500]
+    return tags

@@ -1,0 +1,242 @@
+"""The training loop: DDP over FFCV loaders, AMP, channels_last, exact global metrics, MLflow on rank 0.
+
+    torchrun --standalone --nproc_per_node=N -m ddp_train [flags]     (or python -m ddp_train for one process)
+"""
+import contextlib
+import copy
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data_prep import manifest as manifest_lib
+from data_prep.cifar import DataError
+
+from . import config as config_lib
+from . import data, dist
+from .config import Config, ConfigError
+from .models import build_model
+from .tracking import Tracker, environment_tags
+
+
+def resolve_amp(amp: str, device: torch.device):
+    """→ (autocast dtype or None, whether fp16 needs a GradScaler)."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None, False
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return None, False
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return dtype, dtype == torch.float16
+
+
+def autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda(cfg: Config, steps_per_epoch: int):
+    """Multiplier of the peak lr at optimizer step t: linear warm-up, then linear decay to 0 (or constant)."""
+    total = cfg.epochs * steps_per_epoch
+    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    if cfg.schedule == "constant":
+        return lambda t: 1.0
+    return lambda t: (t + 1) / (warm + 1) if t < warm else max(0.0, (total - t) / (total - warm))
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def train_step(model, images, labels, optimizer, scaler, criterion, amp_dtype, device):
+    """One optimizer step on this rank's batch (DDP averages the gradients). Returns (loss, logits) detached."""
+    with autocast(device, amp_dtype):
+        logits = model(images)
+        loss = criterion(logits.float(), labels)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), logits.detach()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype, fine_to_coarse: torch.Tensor, channels_last: bool) -> dict:
+    """Test metrics over the whole test set: each rank sums over its disjoint share, then the sums are
+    all-reduced, so any world size counts every image exactly once."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, superclass top1, count
+    for images, fine, coarse in loader:
+        x = data.normalize(images)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        top5 = logits.topk(5, dim=1).indices
+        sums += torch.stack([F.cross_entropy(logits, fine, reduction="sum").double(),
+                             (top5[:, 0] == fine).sum().double(),
+                             (top5 == fine[:, None]).any(dim=1).sum().double(),
+                             (fine_to_coarse[top5[:, 0]] == coarse).sum().double(),
+                             torch.tensor(float(len(fine)), dtype=torch.float64, device=device)])
+    loss, top1, top5, sup, n = dist.all_reduce_sum(sums).tolist()
+    return {"test_loss": loss / n, "test_top1": 100 * top1 / n, "test_top5": 100 * top5 / n,
+            "test_super_top1": 100 * sup / n, "test_count": int(n)}
+
+
+def default_run_name(cfg: Config, world_size: int) -> str:
+    width = f"-w{cfg.width}" if cfg.model == "resnet18" else ""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.model}{width}-b{cfg.batch_size}-lr{cfg.lr:g}-ws{world_size}-{stamp}"
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def format_epoch(epoch: int, m: dict) -> str:
+    return (f"epoch {epoch} | loss {m['train_loss']:.3f} | train {m['train_top1']:.2f} % | "
+            f"test {m['test_top1']:.2f} % (top-5 {m['test_top5']:.2f} %, superclass {m['test_super_top1']:.2f} %) | "
+            f"lr {m['lr']:.4g} | {m['images_per_s']:.0f} img/s | {m['epoch_seconds']:.1f} s")
+
+
+def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
+    log = print if d.master else (lambda *a, **k: None)
+    device = d.device
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    amp_dtype, use_scaler = resolve_amp(cfg.amp, device)
+    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    model = build_model(cfg.model, len(manifest["fine_label_names"]), cfg.width, cfg.norm).to(device, memory_format=mem)
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if d.distributed else model
+    if cfg.compile:
+        net = torch.compile(net)
+    optimizer = make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    per_rank_batch = cfg.batch_size // d.world_size
+    train_loader = data.train_loader(cfg.data_dir, per_rank_batch, cfg.num_workers, cfg.seed, device, d.distributed)
+    test_loader = data.test_loader(cfg.data_dir, cfg.eval_batch_size, cfg.num_workers, d.rank, d.world_size, device)
+    steps = len(train_loader)
+    if steps == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the training set "
+                          f"({manifest['splits']['train']['count']} images); use a smaller batch")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    fine_to_coarse = torch.tensor(manifest["fine_to_coarse"], device=device)
+
+    run_name = cfg.run_name or default_run_name(cfg, d.world_size)
+    run_dir = Path(cfg.out_dir) / run_name
+    tracker = Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment, log=log)
+    manifest_sha = manifest_lib.manifest_checksum(cfg.data_dir)
+    tracker.start(run_name, cfg.to_dict(), {**environment_tags(d.world_size, device, manifest_sha, manifest),
+                                            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"})
+    log(f"run {run_name}: {d.world_size} × {device.type} ({'nccl' if device.type == 'cuda' else 'gloo'}), "
+        f"{per_rank_batch} images per rank per step, {steps} steps per epoch, amp "
+        f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, data {manifest['source']}")
+    bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
+
+    status = "FAILED"
+    metrics = {}
+    try:
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            net.train()
+            gen = data.epoch_generator(cfg.seed, epoch, d.rank, device)
+            train_loader.next_epoch = epoch  # the data order is a function of (seed, epoch)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
+            batches = train_loader
+            if bar and d.master:
+                from tqdm import tqdm
+                batches = tqdm(train_loader, total=steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+            for images, labels in batches:
+                x = data.normalize(images)
+                if cfg.augment:
+                    x = data.augment(x, gen, cfg.translate, cfg.cutout)
+                x = x.contiguous(memory_format=mem)
+                loss, logits = train_step(net, x, labels, optimizer, scaler, criterion, amp_dtype, device)
+                scheduler.step()
+                n = labels.shape[0]
+                sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
+                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
+            loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
+            train_seconds = time.perf_counter() - t0
+            dist.broadcast_buffers(model)  # every rank evaluates rank 0's model: the one that is saved
+            metrics = {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
+                       **evaluate(net, test_loader, device, amp_dtype, fine_to_coarse, cfg.channels_last),
+                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / train_seconds,
+                       "epoch_seconds": time.perf_counter() - t0}
+            log(format_epoch(epoch, metrics), flush=True)
+            tracker.log_metrics(metrics, step=epoch)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.finish(status)
+
+    if d.master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        final = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+        save_atomic({"model": final.state_dict(), "config": cfg.to_dict(), "metrics": metrics,
+                     "fine_label_names": manifest["fine_label_names"]}, run_dir / "model.pt")
+        log(f"saved {run_dir / 'model.pt'}")
+        example = data.normalize(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).numpy()
+        tracker.log_model(final, example)
+        tracker.finish("FINISHED")
+        if tracker.errors:
+            log(f"warning: {tracker.errors} MLflow call(s) failed; see the warnings above")
+    dist.barrier()
+    return metrics
+
+
+def main(argv=None) -> int:
+    cfg = config_lib.parse(argv)
+    d = dist.from_env()
+    try:
+        cfg.validate(d.world_size)
+        if cfg.sync_bn and d.device.type != "cuda":
+            raise ConfigError("--sync-bn needs GPUs (gloo has no SyncBatchNorm); on CPU use --norm gn or drop it")
+        manifest = manifest_lib.verify(cfg.data_dir)
+    except (ConfigError, DataError) as e:
+        if d.local_rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    if d.master:
+        print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip().replace("\n", "\n  "))
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    dist.init(d, cfg.dist_timeout)
+    try:
+        run(cfg, d, manifest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.cleanup()
+    return 0
