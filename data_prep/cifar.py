@@ -134,7 +134,7 @@ def read_archive(path: Path, allow_custom: bool) -> Cifar100:
                                     f"expected the layout of the official {ARCHIVE_NAME}") from None
             return read_members(get, str(path), f"md5:{digest}", official)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path}: not a readable tar.gz archive ({e}); "
+        raise DataError(f"{path}: not a readable tar.gz archive ({type(e).__name__}); "
                         f"re-download {ARCHIVE_NAME} or pass its extracted directory") from None
 
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import datetime
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,6 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
         f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, data {manifest['source']}")
     bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
 
-    status = "FAILED"
     metrics = {}
     try:
         for epoch in range(cfg.epochs):
@@ -192,13 +192,9 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                        "epoch_seconds": time.perf_counter() - t0}
             log(format_epoch(epoch, metrics), flush=True)
             tracker.log_metrics(metrics, step=epoch)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:  # the run must not stay RUNNING in MLflow
+        tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
-    finally:
-        if status != "FINISHED":
-            tracker.finish(status)
 
     if d.master:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +202,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
         save_atomic({"model": final.state_dict(), "config": cfg.to_dict(), "metrics": metrics,
                      "fine_label_names": manifest["fine_label_names"]}, run_dir / "model.pt")
         log(f"saved {run_dir / 'model.pt'}")
-        example = data.normalize(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).numpy()
+        example = data.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).numpy()
         tracker.log_model(final, example)
         tracker.finish("FINISHED")
         if tracker.errors:
@@ -231,6 +227,8 @@ def main(argv=None) -> int:
         print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip().replace("\n", "\n  "))
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # torchrun sends SIGTERM to the other workers when one fails: unwind, so MLflow records the run as KILLED.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     dist.init(d, cfg.dist_timeout)
     try:
         run(cfg, d, manifest)

@@ -1,0 +1,46 @@
+"""Shared fixtures: a synthetic CIFAR-100 prepared once per session through the real CLI, and helpers that run the
+project's commands as real processes (python -m …, torchrun) with their own MLflow store."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TORCHRUN = str(BIN / "torchrun")
+# Small enough to prepare and train in seconds; 1000 test images so that 3 ranks do not divide the test set.
+N_TRAIN, N_TEST = 2000, 1000
+
+
+def run(cmd, cwd=None, env=None, timeout=600, check=False):
+    """Run a command, return CompletedProcess with text output; on failure show its output in the assertion."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+    return p
+
+
+def error_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def prep_synthetic(out: Path, n_train=N_TRAIN, n_test=N_TEST, seed=0, extra=()):
+    return run([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out,
+                "--synthetic-train", n_train, "--synthetic-test", n_test, "--synthetic-seed", seed, *extra],
+               check=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    prep_synthetic(out)
+    return out
+
+
+@pytest.fixture
+def mlflow_env(tmp_path) -> dict:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "tests"}

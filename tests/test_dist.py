@@ -1,0 +1,47 @@
+"""Real torchrun processes on gloo: DDP equivalence, exact distributed evaluation, world-size checks."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TORCHRUN, error_lines, run
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+def torchrun(nproc, *args, **kw):
+    return run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args], **kw)
+
+
+def test_ddp_on_half_batches_equals_one_process_on_the_full_batch(tmp_path):
+    """Holds by construction with GroupNorm (no batch statistics; on GPUs --sync-bn gives BatchNorm the same
+    property). Tolerance: fp32 round-off from the different reduction order of the gradient all-reduce."""
+    torchrun(2, HELPERS / "ddp_step.py", tmp_path / "ddp.pt", check=True)
+    run([sys.executable, HELPERS / "ddp_step.py", tmp_path / "single.pt"], check=True)
+    ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    torch.manual_seed(0)
+    from ddp_train.models import build_model
+    init = build_model("resnet18", 100, width=8, norm="gn").state_dict()
+    moved = max((single[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-3  # the steps did change the parameters
+    diff = max((ddp[k] - single[k]).abs().max().item() for k in single)
+    assert diff < 1e-5, f"max parameter difference {diff}"
+
+
+def test_distributed_eval_counts_every_test_image_exactly_once(synthetic_data, tmp_path):
+    torchrun(3, HELPERS / "eval_shard.py", synthetic_data, tmp_path / "ws3.json", check=True)
+    run([sys.executable, HELPERS / "eval_shard.py", synthetic_data, tmp_path / "ws1.json"], check=True)
+    ws3, ws1 = (json.loads((tmp_path / f).read_text()) for f in ("ws3.json", "ws1.json"))
+    assert ws1["test_count"] == ws3["test_count"] == 1000   # 1000 % 3 != 0: no padding, no duplicates
+    for k in ("test_top1", "test_top5", "test_super_top1"):
+        assert ws3[k] == ws1[k], k                           # integer counts: exactly equal
+    assert ws3["test_loss"] == pytest.approx(ws1["test_loss"], rel=1e-6)  # float64 sums in another order
+
+
+def test_batch_size_not_divisible_by_world_size_fails_in_one_line(synthetic_data):
+    p = torchrun(2, "-m", "ddp_train", "--data-dir", synthetic_data, "--batch-size", "255", "--no-mlflow")
+    assert p.returncode != 0
+    assert error_lines(p.stderr) == ["error: --batch-size 255 is not divisible by the world size 2; "
+                                     "use a multiple of 2"], p.stderr

@@ -1,0 +1,147 @@
+"""The trainer end to end: synthetic betons → torchrun (2 gloo processes) → one MLflow run; determinism; failure
+status; bad input."""
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import TORCHRUN, error_lines, run
+from data_prep.manifest import manifest_checksum
+
+EPOCHS = 5
+# On the 2,000/1,000-image synthetic set this recipe reaches 58% test top-1 after 5 epochs on 2 CPU processes
+# (seed 0; chance is 1%). We require 30%: 30× chance, with a wide margin for library or hardware round-off.
+MIN_TEST_TOP1 = 30.0
+RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100", "--lr", "0.2",
+          "--warmup-epochs", "0.5"]
+METRICS = ["train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "test_super_top1", "test_count", "lr",
+           "images_per_s", "epoch_seconds"]
+EPOCH_LINE = re.compile(r"^epoch (\d+) \| loss ([\d.]+) \| train ([\d.]+) % \| test ([\d.]+) % "
+                        r"\(top-5 ([\d.]+) %, superclass ([\d.]+) %\)", re.M)
+
+
+def train_cmd(nproc, data_dir, *extra):
+    return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "ddp_train", "--data-dir", data_dir,
+            *RECIPE, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_data, tmp_path_factory):
+    """One real 2-process run, tracked in its own MLflow store."""
+    work = tmp_path_factory.mktemp("run")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "e2e"}
+    p = run(train_cmd(2, synthetic_data, "--run-name", "e2e"), cwd=work, env=env, check=True)
+    return work, env, p
+
+
+def client(env):
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def test_two_process_run_learns_and_prints_one_line_per_epoch(trained):
+    _, _, p = trained
+    lines = EPOCH_LINE.findall(p.stdout)
+    assert [int(m[0]) for m in lines] == list(range(EPOCHS)), p.stdout  # rank 0 only: no duplicate lines
+    assert float(lines[-1][3]) >= MIN_TEST_TOP1, p.stdout
+    assert float(lines[-1][5]) >= float(lines[-1][3])  # superclass accuracy is at least fine accuracy here
+    assert "config:" in p.stdout and "2 × cpu (gloo)" in p.stdout
+
+
+def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_data):
+    work, env, p = trained
+    c = client(env)
+    exp = c.get_experiment_by_name("e2e")
+    [r] = c.search_runs([exp.experiment_id])
+    assert r.info.status == "FINISHED" and r.info.run_name == "e2e"
+    for key in METRICS:
+        hist = c.get_metric_history(r.info.run_id, key)
+        assert sorted(m.step for m in hist) == list(range(EPOCHS)), key
+    assert c.get_metric_history(r.info.run_id, "test_count")[0].value == 1000
+    printed = EPOCH_LINE.findall(p.stdout)[-1]
+    assert r.data.metrics["test_top1"] == pytest.approx(float(printed[3]), abs=0.005)
+    t = r.data.tags
+    assert t["world_size"] == "2" and t["device_type"] == "cpu" and t["hostname"]
+    assert t["torch_version"].startswith("2.14.1") and t["ffcv_version"] == "1.0.2"
+    assert t["dataset_manifest_sha256"] == manifest_checksum(synthetic_data) and t["dataset_source"] == "synthetic"
+    assert len(t["git_commit"]) == 40
+    assert r.data.params["epochs"] == str(EPOCHS) and r.data.params["model"] == "resnet18"
+    from ddp_train.config import Config
+    assert set(Config.__dataclass_fields__) <= set(r.data.params)
+    # the model: logged through MLflow and loadable; the checkpoint saved atomically by rank 0
+    import mlflow.pytorch
+    import torch
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    model = mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model")
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    saved = torch.load(work / "runs" / "e2e" / "model.pt")
+    assert saved["metrics"]["test_top1"] == r.data.metrics["test_top1"]
+    assert not list((work / "runs" / "e2e").glob(".*tmp*"))
+
+
+def test_same_seed_and_world_size_give_the_same_run(trained, synthetic_data, tmp_path):
+    _, _, first = trained
+    again = run(train_cmd(2, synthetic_data, "--no-mlflow"), cwd=tmp_path, check=True)
+    assert EPOCH_LINE.findall(again.stdout) == EPOCH_LINE.findall(first.stdout)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_killed_worker_fails_the_job_and_the_mlflow_run(synthetic_data, tmp_path, mlflow_env):
+    proc = subprocess.Popen(train_cmd(2, synthetic_data, "--epochs", "50"), cwd=tmp_path,
+                            env={**__import__("os").environ, **mlflow_env, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:  # wait until training is under way
+        out.append(line)
+        if line.startswith("epoch 0 |"):
+            break
+    workers = psutil.Process(proc.pid).children()
+    [rank1] = [w for w in workers if w.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    c = client(mlflow_env)
+    [r] = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
+    assert r.info.status in ("FAILED", "KILLED"), r.info.status
+    assert len(c.get_metric_history(r.info.run_id, "test_top1")) < 50
+
+
+def _single(data_dir, *extra, cwd):
+    return run([sys.executable, "-m", "ddp_train", "--data-dir", data_dir, *RECIPE, *extra], cwd=cwd)
+
+
+@pytest.mark.parametrize("case", ["no-data", "truncated", "checksum", "sync-bn-on-cpu", "batch-too-big"])
+def test_bad_data_and_setups_fail_in_one_line_with_nothing_written(synthetic_data, tmp_path, case):
+    data_dir = tmp_path / "data"
+    if case != "no-data":
+        shutil.copytree(synthetic_data, data_dir)
+    extra = []
+    if case == "truncated":
+        beton = data_dir / "cifar100_train.beton"
+        beton.write_bytes(beton.read_bytes()[:100_000])
+    elif case == "checksum":
+        m = json.loads((data_dir / "manifest.json").read_text())
+        m["splits"]["test"]["sha256"] = "0" * 64
+        (data_dir / "manifest.json").write_text(json.dumps(m))
+    elif case == "sync-bn-on-cpu":
+        extra = ["--sync-bn"]
+    elif case == "batch-too-big":
+        extra = ["--batch-size", "4000"]
+    work = tmp_path / "work"
+    work.mkdir()
+    t0 = time.monotonic()
+    p = _single(data_dir, *extra, cwd=work)
+    assert p.returncode != 0
+    [line] = error_lines(p.stderr)
+    expected = {"no-data": "no prepared data", "truncated": "truncated", "checksum": "does not match the sha256",
+                "sync-bn-on-cpu": "--sync-bn needs GPUs", "batch-too-big": "exceeds the training set"}[case]
+    assert expected in line, p.stderr
+    assert not (work / "runs").exists()
+    if case != "batch-too-big":  # found before anything starts
+        assert not (work / "mlflow.db").exists() and time.monotonic() - t0 < 60
