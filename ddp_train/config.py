@@ -56,17 +56,23 @@ class Config:
     # run
     seed: int = knob(0, "seed for initialisation, data order and augmentation")
     out_dir: str = knob("runs", "where each run's directory (final model) goes")
-    run_name: str = knob("", "run name (default: model-width-batch-lr-world-date)")
+    run_name: str = knob("", "run name and directory under out_dir; rerun with the same name to resume "
+                             "(default: model-width-batch-lr-world, then the Slurm job id or the date)")
     progress: str = knob("auto", "progress display: a tqdm bar on a TTY, one line per epoch otherwise",
                          ["auto", "bar", "line"])
     dist_timeout: int = knob(600, "seconds before a stuck collective fails the job")
+    # checkpoints and resumption (see ddp_train/checkpoint.py)
+    ckpt_every: int = knob(1, "checkpoint every N epochs (and at the end, and when SIGUSR2/SIGTERM asks to stop)")
+    keep_ckpts: int = knob(3, "checkpoints kept in <run dir>/checkpoints")
+    resume: str = knob("auto", "auto: continue from the newest valid checkpoint of the run directory; never")
     # tracking
     mlflow: bool = knob(True, "track the run in MLflow (rank 0 only)")
     tracking_uri: str = knob("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     experiment: str = knob("", "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cifar100-ddp)")
 
     def validate(self, world_size: int = 1) -> None:
-        positive = ["epochs", "batch_size", "lr", "width", "eval_batch_size", "num_workers", "dist_timeout"]
+        positive = ["epochs", "batch_size", "lr", "width", "eval_batch_size", "num_workers", "dist_timeout",
+                    "ckpt_every", "keep_ckpts"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -79,6 +85,8 @@ class Config:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs --momentum > 0; pass --no-nesterov or a momentum")
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"--resume must be auto or never, got {self.resume!r}")
         if self.sync_bn and self.norm != "bn":
             raise ConfigError("--sync-bn applies to BatchNorm only; drop it or use --norm bn")
         if self.batch_size % world_size:

@@ -66,3 +66,65 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_control_group = None
+
+
+def control_group():
+    """A gloo group for small CPU-side agreements, so they never wait on the GPU stream."""
+    global _control_group
+    if _control_group is None and dist.is_initialized():
+        _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _control_group
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=control_group())
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's value of a picklable object, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
+class StopAgreement:
+    """Turns a signal seen by any rank into a stop at the same step on every rank.
+
+    Signal handlers only set `requested`. At each step boundary `poll()` starts an asynchronous all-reduce of the
+    flags on the CPU gloo group and reads the one started at the previous boundary, which has long completed:
+    no rank waits, and all ranks see the same value after the same step.
+    """
+
+    def __init__(self):
+        self.requested = 0          # the signal number, set by the handler
+        self._buf = torch.zeros(1)
+        self._work = None
+
+    def handler(self, signum, _frame):
+        self.requested = self.requested or signum
+
+    def poll(self) -> bool:
+        if not dist.is_initialized():
+            return bool(self.requested)
+        stop = False
+        if self._work is not None:
+            self._work.wait()
+            stop = self._buf.item() > 0
+        self._buf.fill_(1.0 if self.requested else 0.0)
+        self._work = dist.all_reduce(self._buf, group=control_group(), async_op=True)
+        return stop
+
+    def drain(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None

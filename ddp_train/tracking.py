@@ -30,6 +30,7 @@ class Tracker:
         self.errors = 0
         self.run_id = None
         self.uri = None
+        self.logged_epochs = set()
         if not enabled:
             return
         with warnings.catch_warnings():
@@ -52,19 +53,35 @@ class Tracker:
                      "training continues")
             return None
 
-    def start(self, run_name: str, params: dict, tags: dict) -> None:
+    def start(self, run_name: str, params: dict, tags: dict, resume_run_id: str = None) -> None:
+        """A new run, or — for a resumed job — the run its checkpoint names, continued (same run id)."""
         def _start():
             self.mlflow.set_experiment(self.experiment)
+            if resume_run_id:
+                try:
+                    run = self.mlflow.start_run(run_id=resume_run_id)
+                    self.mlflow.set_tags(tags)
+                    self.run_id = run.info.run_id
+                    history = self.mlflow.MlflowClient().get_metric_history(self.run_id, "test_top1")
+                    self.logged_epochs = {m.step for m in history}
+                    return
+                except Exception as e:
+                    self.log(f"warning: cannot continue MLflow run {resume_run_id} ({type(e).__name__}); "
+                             "starting a new run")
             run = self.mlflow.start_run(run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             self.mlflow.log_params({k: str(v) for k, v in params.items()})
         self._guard("start", _start)
         if self.run_id:
-            self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {self.uri}")
+            self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {self.uri}"
+                     + (" (continued)" if resume_run_id == self.run_id else ""))
 
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        if self.run_id:
-            self._guard("log_metrics", self.mlflow.log_metrics, metrics, step=step)
+    def log_epoch(self, metrics: dict, epoch: int) -> None:
+        """Per-epoch metrics with step=epoch; an epoch the run already holds (re-run after a resume from an
+        older checkpoint) is not logged twice."""
+        if self.run_id and epoch not in self.logged_epochs:
+            self._guard("log_metrics", self.mlflow.log_metrics, metrics, step=epoch)
+            self.logged_epochs.add(epoch)
 
     def set_tags(self, tags: dict) -> None:
         if self.run_id:

@@ -21,11 +21,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data_prep import manifest as manifest_lib
 from data_prep.cifar import DataError
 
+from . import checkpoint
 from . import config as config_lib
 from . import data, dist
 from .config import Config, ConfigError
 from .models import build_model
 from .tracking import Tracker, environment_tags
+
+# Exit status of a job that stopped on SIGUSR2/SIGTERM after checkpointing: not done, resume it.
+EXIT_REQUEUE = 3
 
 
 def resolve_amp(amp: str, device: torch.device):
@@ -97,8 +101,10 @@ def evaluate(model, loader, device, amp_dtype, fine_to_coarse: torch.Tensor, cha
 
 
 def default_run_name(cfg: Config, world_size: int) -> str:
+    """Scannable in a list; under Slurm it ends in the job id, which a requeued job keeps, so it resumes."""
     width = f"-w{cfg.width}" if cfg.model == "resnet18" else ""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    job = os.environ.get("SLURM_JOB_ID")
+    stamp = f"slurm{job}" if job else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{cfg.model}{width}-b{cfg.batch_size}-lr{cfg.lr:g}-ws{world_size}-{stamp}"
 
 
@@ -133,9 +139,6 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     model = build_model(cfg.model, len(manifest["fine_label_names"]), cfg.width, cfg.norm).to(device, memory_format=mem)
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if d.distributed else model
-    if cfg.compile:
-        net = torch.compile(net)
     optimizer = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -150,30 +153,89 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     fine_to_coarse = torch.tensor(manifest["fine_to_coarse"], device=device)
 
-    run_name = cfg.run_name or default_run_name(cfg, d.world_size)
+    # The run: one name on every rank; the same name (e.g. the Slurm job id after a requeue) continues it.
+    run_name = dist.broadcast_object(cfg.run_name or default_run_name(cfg, d.world_size))
     run_dir = Path(cfg.out_dir) / run_name
-    tracker = Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment, log=log)
+    ckpt_dir = run_dir / "checkpoints"
     manifest_sha = manifest_lib.manifest_checksum(cfg.data_dir)
+    path, state = None, None
+    if cfg.resume == "auto" and d.master:
+        path, state = checkpoint.load_latest(ckpt_dir, cfg.to_dict(), manifest_sha, d.world_size, log)
+    path = dist.broadcast_object(str(path) if path else None)
+    if path and not d.master:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    start_epoch, start_step, history, mine = 0, 0, [], None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step, history = state["epoch"], state["step"], state["history"]
+        if state["world_size"] == d.world_size:  # this rank's RNG and partial-epoch state
+            mine = state["ranks"][d.rank]
+            torch.set_rng_state(mine["torch_rng"])
+            if device.type == "cuda" and mine["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(mine["cuda_rng"], device)
+        log(f"resuming from {path}: epoch {start_epoch}, step {start_step} of {steps}")
+
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if d.distributed else model
+    if cfg.compile:
+        net = torch.compile(net)
+
+    tracker = Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment, log=log)
     tracker.start(run_name, cfg.to_dict(), {**environment_tags(d.world_size, device, manifest_sha, manifest),
-                                            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"})
+                                            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
+                  resume_run_id=state.get("mlflow_run_id") if state else None)
     log(f"run {run_name}: {d.world_size} × {device.type} ({'nccl' if device.type == 'cuda' else 'gloo'}), "
         f"{per_rank_batch} images per rank per step, {steps} steps per epoch, amp "
         f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, data {manifest['source']}")
     bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
 
-    metrics = {}
+    def save_checkpoint(epoch, step, gen=None, sums=None, seconds=0.0):
+        ranks = dist.gather_objects({
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "gen": gen.get_state() if gen is not None else None,
+            "sums": sums.cpu() if sums is not None else None, "seconds": seconds})
+        if d.master:
+            target = checkpoint.path_for(ckpt_dir, epoch, step)
+            checkpoint.save({"epoch": epoch, "step": step, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "manifest_sha256": manifest_sha,
+                             "mlflow_run_id": tracker.run_id, "world_size": d.world_size, "ranks": ranks,
+                             "history": history}, target, cfg.keep_ckpts)
+            return target
+        return None
+
+    # SIGUSR2 (Slurm's warning before the time limit) and SIGTERM (preemption; torchrun passing on a stop) only
+    # set a flag; the ranks agree at a step boundary, checkpoint and exit with EXIT_REQUEUE.
+    stopper = dist.StopAgreement()
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, stopper.handler)
+
+    metrics = history[-1] if history else {}
     try:
-        for epoch in range(cfg.epochs):
-            t0 = time.perf_counter()
+        for epoch in range(start_epoch, cfg.epochs):
+            skip = start_step if epoch == start_epoch else 0
             net.train()
             gen = data.epoch_generator(cfg.seed, epoch, d.rank, device)
-            train_loader.next_epoch = epoch  # the data order is a function of (seed, epoch)
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
+            elapsed = 0.0
+            if skip:  # continue the interrupted epoch exactly where it stopped
+                gen.set_state(mine["gen"])
+                sums = mine["sums"].to(device)
+                elapsed = mine["seconds"]
+            t0 = time.perf_counter()
+            train_loader.next_epoch = epoch  # the data order is a function of (seed, epoch)
             batches = train_loader
             if bar and d.master:
                 from tqdm import tqdm
-                batches = tqdm(train_loader, total=steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-            for images, labels in batches:
+                batches = tqdm(train_loader, total=steps, initial=skip, desc=f"epoch {epoch}", leave=False,
+                               dynamic_ncols=True)
+            stopped_at = None
+            for i, (images, labels) in enumerate(batches):
+                if i < skip:
+                    continue
                 x = data.normalize(images)
                 if cfg.augment:
                     x = data.augment(x, gen, cfg.translate, cfg.cutout)
@@ -183,15 +245,29 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 n = labels.shape[0]
                 sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
                                      torch.tensor(float(n), dtype=torch.float64, device=device)])
+                if stopper.poll():
+                    stopped_at = i + 1
+                    break
+            if stopped_at is not None:
+                stopper.drain()
+                target = save_checkpoint(epoch, stopped_at, gen, sums, elapsed + time.perf_counter() - t0)
+                log(f"stopped by signal {stopper.requested or 'on another rank'} at epoch {epoch}, step {stopped_at}"
+                    f"; checkpoint {target}; rerun with --run-name {run_name} (a requeued job does) to resume",
+                    flush=True)
+                tracker.finish("KILLED")
+                return {"preempted": True}
             loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
-            train_seconds = time.perf_counter() - t0
+            train_seconds = elapsed + time.perf_counter() - t0
             dist.broadcast_buffers(model)  # every rank evaluates rank 0's model: the one that is saved
             metrics = {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
                        **evaluate(net, test_loader, device, amp_dtype, fine_to_coarse, cfg.channels_last),
                        "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / train_seconds,
-                       "epoch_seconds": time.perf_counter() - t0}
+                       "epoch_seconds": elapsed + time.perf_counter() - t0}
+            history.append(metrics)
             log(format_epoch(epoch, metrics), flush=True)
-            tracker.log_metrics(metrics, step=epoch)
+            tracker.log_epoch(metrics, epoch)
+            if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
+                save_checkpoint(epoch + 1, 0)
     except BaseException as e:  # the run must not stay RUNNING in MLflow
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
@@ -227,11 +303,10 @@ def main(argv=None) -> int:
         print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip().replace("\n", "\n  "))
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # torchrun sends SIGTERM to the other workers when one fails: unwind, so MLflow records the run as KILLED.
-    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     dist.init(d, cfg.dist_timeout)
     try:
-        run(cfg, d, manifest)
+        if run(cfg, d, manifest).get("preempted"):
+            return EXIT_REQUEUE
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

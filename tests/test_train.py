@@ -145,3 +145,33 @@ def test_bad_data_and_setups_fail_in_one_line_with_nothing_written(synthetic_dat
     assert not (work / "runs").exists()
     if case != "batch-too-big":  # found before anything starts
         assert not (work / "mlflow.db").exists() and time.monotonic() - t0 < 60
+
+
+def test_a_signalled_run_checkpoints_resumes_and_ends_like_an_uninterrupted_one(trained, synthetic_data, tmp_path,
+                                                                                 mlflow_env):
+    """SIGUSR2 to torchrun (as Slurm's --signal does) → the ranks agree at a step boundary mid-epoch, rank 0
+    checkpoints, the job exits; the same command resumes. On CPU the result is bit-identical."""
+    _, _, uninterrupted = trained
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--signals-to-handle",
+           "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir", synthetic_data, *RECIPE,
+           "--run-name", "r"]
+    env = {**__import__("os").environ, **mlflow_env, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = []
+    for line in proc.stdout:
+        first.append(line)
+        if line.startswith("epoch 1 |"):
+            time.sleep(0.5)  # into epoch 2
+            proc.send_signal(signal.SIGUSR2)
+    proc.wait(timeout=300)
+    first = "".join(first)
+    assert proc.returncode != 0 and "stopped by signal 12 at epoch 2" in first, first
+    assert list((tmp_path / "runs" / "r" / "checkpoints").glob("ckpt_e0002_s*.pt"))
+    second = run(cmd, cwd=tmp_path, env=mlflow_env, check=True).stdout
+    assert "resuming from" in second and "(continued)" in second
+    assert EPOCH_LINE.findall(first + second) == EPOCH_LINE.findall(uninterrupted.stdout)
+    c = client(mlflow_env)
+    [r] = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
+    assert r.info.status == "FINISHED"
+    for key in METRICS:
+        assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == list(range(EPOCHS)), key

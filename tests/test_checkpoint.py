@@ -1,0 +1,41 @@
+"""checkpoint: atomic save, keep-last-K, and fallback to the previous valid checkpoint."""
+import torch
+
+from ddp_train import checkpoint
+
+CFG = {"model": "resnet18", "lr": 0.1, "num_workers": 4}
+
+
+def state(epoch, step, **over):
+    return {"epoch": epoch, "step": step, "config": dict(CFG), "manifest_sha256": "abc", "world_size": 2,
+            "model": {"w": torch.full((3,), float(epoch))}, **over}
+
+
+def test_keeps_the_last_k_newest_first(tmp_path):
+    for e in range(1, 6):
+        checkpoint.save(state(e, 0), checkpoint.path_for(tmp_path, e, 0), keep=3)
+    checkpoint.save(state(5, 7), checkpoint.path_for(tmp_path, 5, 7), keep=3)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "ckpt_e0005_s000007.pt", "ckpt_e0005_s000000.pt", "ckpt_e0004_s000000.pt"]
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+def test_falls_back_past_truncated_foreign_and_mismatched_checkpoints(tmp_path):
+    logs = []
+    checkpoint.save(state(1, 0), checkpoint.path_for(tmp_path, 1, 0), keep=10)
+    checkpoint.save(state(2, 0, manifest_sha256="other"), checkpoint.path_for(tmp_path, 2, 0), keep=10)
+    checkpoint.save(state(3, 0, config={**CFG, "lr": 0.2}), checkpoint.path_for(tmp_path, 3, 0), keep=10)
+    checkpoint.save(state(3, 5, world_size=4), checkpoint.path_for(tmp_path, 3, 5), keep=10)
+    checkpoint.save(state(4, 0), checkpoint.path_for(tmp_path, 4, 0), keep=10)
+    newest = checkpoint.path_for(tmp_path, 4, 0)
+    newest.write_bytes(newest.read_bytes()[:200])  # truncated
+    cfg = {**CFG, "num_workers": 8}  # a mutable field may change
+    path, st = checkpoint.load_latest(tmp_path, cfg, "abc", world_size=2, log=logs.append)
+    assert path == checkpoint.path_for(tmp_path, 1, 0) and st["model"]["w"][0] == 1.0
+    assert len(logs) == 4
+    assert "unreadable" in logs[0] and "mid-epoch with world size 4" in logs[1]
+    assert "lr 0.1 → 0.1" not in logs[2] and "lr 0.2 → 0.1" in logs[2] and "another dataset" in logs[3]
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    assert checkpoint.load_latest(tmp_path / "none", CFG, "abc", 1) == (None, None)
