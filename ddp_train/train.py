@@ -304,6 +304,7 @@ def main(argv=None) -> int:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist.init(d, cfg.dist_timeout)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}  # e.g. submitit's
     try:
         if run(cfg, d, manifest).get("preempted"):
             return EXIT_REQUEUE
@@ -311,5 +312,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
         dist.cleanup()
     return 0

@@ -25,7 +25,7 @@ start() {
     echo "slurm-cluster: installing $missing"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
   fi
-  mkdir -p "$dir"/{state,spool,log,run,mysql}
+  mkdir -p "$dir"/{state,spool,log,run}
   local host
   host=$(hostname -s)
   getent hosts "$host" >/dev/null || echo "127.0.0.1 $host" >>/etc/hosts
@@ -40,16 +40,17 @@ start() {
     wait_for 10 munged sh -c "munge -n </dev/null"
   fi
 
-  # MariaDB for slurmdbd, in a private data directory on its own port
-  if [ ! -d "$dir/mysql/mysql" ]; then
-    chown mysql:mysql "$dir/mysql"
-    mariadb-install-db --user=mysql --datadir="$dir/mysql" --auth-root-authentication-method=socket >"$dir/log/mariadb-install.log" 2>&1
-  fi
-  chown mysql:mysql "$dir/run"
-  mariadbd --user=mysql --datadir="$dir/mysql" --socket="$dir/run/mysqld.sock" --pid-file="$dir/run/mariadbd.pid" \
-    --port="$DB_PORT" --bind-address=127.0.0.1 --log-error="$dir/log/mariadbd.log" >/dev/null 2>&1 &
-  wait_for 30 MariaDB mariadb --socket="$dir/run/mysqld.sock" -e "select 1"
-  mariadb --socket="$dir/run/mysqld.sock" -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+  # MariaDB for slurmdbd, in a private data directory on its own port. The mysql user must reach it, and the
+  # caller's directory may be private (pytest's are 0700), so it lives in its own directory under /tmp.
+  local db
+  db=$(mktemp -d /tmp/slurm-test-mariadb.XXXXXX)
+  echo "$db" >"$dir/run/mariadb-dir"
+  chown mysql:mysql "$db"
+  mariadb-install-db --user=mysql --datadir="$db/data" --auth-root-authentication-method=socket >"$dir/log/mariadb-install.log" 2>&1
+  mariadbd --user=mysql --datadir="$db/data" --socket="$db/mysqld.sock" --pid-file="$db/mariadbd.pid" \
+    --port="$DB_PORT" --bind-address=127.0.0.1 --log-error="$db/mariadbd.log" >/dev/null 2>&1 &
+  wait_for 30 MariaDB mariadb --socket="$db/mysqld.sock" -e "select 1"
+  mariadb --socket="$db/mysqld.sock" -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
 
   local node
@@ -111,6 +112,9 @@ EOF
 
 stop() {
   [ -f "$dir/slurm.conf" ] && scancel --full --quiet --user=root 2>/dev/null || true
+  local db
+  db=$(cat "$dir/run/mariadb-dir" 2>/dev/null || true)
+  [ -n "$db" ] && [ -f "$db/mariadbd.pid" ] && cp "$db/mariadbd.pid" "$dir/run/mariadbd.pid"
   for d in slurmd slurmctld slurmdbd mariadbd; do
     [ -f "$dir/run/$d.pid" ] && kill "$(cat "$dir/run/$d.pid")" 2>/dev/null || true
   done
@@ -119,7 +123,9 @@ stop() {
     pid=$(cat "$dir/run/$d.pid" 2>/dev/null || true)
     for _ in $(seq 100); do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+    rm -f "$dir/run/$d.pid"
   done
+  [ -n "$db" ] && [[ $db == /tmp/slurm-test-mariadb.* ]] && rm -rf "$db" "$dir/run/mariadb-dir"
   if [ -f "$dir/run/started-munged" ]; then pkill -x munged || true; rm -f "$dir/run/started-munged"; fi
   echo "slurm-cluster: stopped"
 }

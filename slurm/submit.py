@@ -1,0 +1,139 @@
+"""Submit the trainer to Slurm with submitit: python -m slurm.submit [options] -- [trainer flags]
+
+Model: one Slurm task per GPU (per worker on CPU nodes), each running the trainer in-process with RANK,
+WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT exported from submitit's view of the allocation. No torchrun inside:
+submitit then owns the processes, so its signal handling and requeue reach every worker directly (mixing
+submitit and torchrun in one job is what submitit's maintainers advise against).
+
+Time limit or preemption: Slurm sends USR2 (submitit's default) to every task; the trainer's handler sets a flag,
+the ranks agree at the next step, rank 0 checkpoints, the trainer returns, and the task hands the signal back to
+submitit, which requeues the job (global rank 0 only). The requeued job keeps its id, so the trainer resumes from
+the checkpoint into the same MLflow run.
+"""
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class TrainJob:
+    """The submitted callable (submitit's Checkpointable protocol: `checkpoint` resubmits the same job)."""
+
+    def __init__(self, trainer_args: list):
+        self.trainer_args = list(trainer_args)
+
+    def __call__(self) -> int:
+        import submitit
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))
+        from ddp_train.train import EXIT_REQUEUE, main
+        code = main(self.trainer_args)
+        if code == EXIT_REQUEUE:
+            # The trainer checkpointed on USR2/TERM and restored submitit's handler: let submitit requeue.
+            signal.raise_signal(signal.SIGUSR2)
+            return code  # ranks other than 0 get here; rank 0's requeue ends the job
+        if code != 0:
+            raise RuntimeError(f"trainer exited with status {code}; see the log")
+        return code
+
+    def checkpoint(self):
+        import submitit
+        return submitit.helpers.DelayedSubmission(TrainJob(self.trainer_args))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0 for CPU nodes (gloo)")
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="workers per node (default: one per GPU; required with --gpus-per-node 0)")
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--mem", default=None, help="memory per node, e.g. 64G (default: the partition's)")
+    p.add_argument("--time", type=int, default=240, help="time limit in minutes")
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--job-name", default="cifar100-ddp")
+    p.add_argument("--log-dir", type=Path, default=Path("slurm-logs"),
+                   help="submitit's folder: logs (%%j_%%t_log.out/err) and job pickles")
+    p.add_argument("--signal-delay", type=int, default=180, help="seconds before the time limit that USR2 comes")
+    p.add_argument("--local", action="store_true", help="run here without Slurm (submitit's local executor)")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end and exit with its status")
+    p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="after --: flags for python -m ddp_train")
+    args = p.parse_args(argv)
+    args.trainer_args = [a for a in args.trainer_args if a != "--"] if args.trainer_args[:1] == ["--"] \
+        else args.trainer_args
+    if args.tasks_per_node is None:
+        if args.gpus_per_node < 1:
+            p.error("--gpus-per-node 0 needs --tasks-per-node (CPU workers per node)")
+        args.tasks_per_node = args.gpus_per_node
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Bad trainer flags and missing data fail here, not in the queue.
+    from data_prep.cifar import DataError
+    from data_prep.manifest import verify
+    from ddp_train.config import ConfigError, parse
+    cfg = parse(args.trainer_args)
+    try:
+        cfg.validate(args.nodes * args.tasks_per_node)
+        verify(cfg.data_dir, hash_files=False)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+    import submitit
+    executor = submitit.AutoExecutor(folder=args.log_dir / "%j", cluster="local" if args.local else None)
+    params = dict(name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+                  cpus_per_task=args.cpus_per_task, timeout_min=args.time)
+    if executor.cluster == "slurm":
+        params["slurm_signal_delay_s"] = args.signal_delay
+        if args.gpus_per_node:
+            params["gpus_per_node"] = args.gpus_per_node
+        for key in ("partition", "account", "qos", "mem"):
+            if getattr(args, key):
+                params[f"slurm_{key}"] = getattr(args, key)
+    elif args.local and args.nodes != 1:
+        print("error: --local runs on one node; drop --nodes", file=sys.stderr)
+        return 2
+    executor.update_parameters(**params)
+    try:
+        from slurm.submit import TrainJob as Job  # pickled by reference, not as __main__.TrainJob
+        with _stderr_to_devnull():  # sbatch's own complaint is repeated in our one line below
+            job = executor.submit(Job(args.trainer_args))
+    except Exception as e:  # sbatch's refusal (unknown partition, too many GPUs…) in one line
+        reason = " ".join(str(e).split())
+        print(f"error: the job was not submitted: {reason[-400:]}", file=sys.stderr)
+        return 1
+    print(f"submitted job {job.job_id} ({executor.cluster}): {args.nodes} node(s) × {args.tasks_per_node} "
+          f"task(s); logs {job.paths.stdout} and {job.paths.stderr}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        job.results()
+    except Exception as e:
+        print(f"error: job {job.job_id} failed: {' '.join(str(e).split())[-400:]}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Slurm for real: a single-node cluster with accounting (tests/cluster/slurm-cluster.sh) runs slurm/train.sbatch
+and the submitit launcher on 2 CPU workers; a signalled job checkpoints, requeues, resumes and ends like an
+uninterrupted one."""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, error_lines, run
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting a Slurm cluster needs root (CI runs as root)")
+
+CLUSTER = ROOT / "tests" / "cluster" / "slurm-cluster.sh"
+SBATCH = ROOT / "slurm" / "train.sbatch"
+VENV = Path(sys.executable).parent.parent
+EPOCHS = 4
+RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100", "--lr", "0.2",
+          "--warmup-epochs", "0.5"]
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=2"]  # override the GPU header for this CPU-only node
+EPOCH_LINE = re.compile(r"^epoch \d+ \|.*?%\)", re.M)
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    try:
+        run(["bash", CLUSTER, "start", d], check=True, timeout=900)
+        yield {"SLURM_CONF": str(d / "slurm.conf")}
+    finally:  # also after a failed start: stop whatever did start
+        run(["bash", CLUSTER, "stop", d], timeout=300)
+
+
+def workdir(tmp_path, synthetic_data):
+    (tmp_path / "data").symlink_to(synthetic_data)
+    return tmp_path
+
+
+def job_env(cluster, work):
+    return {**cluster, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "slurm"}
+
+
+def sbatch(cluster, work, *args):
+    exports = f"ALL,NPROC_PER_NODE=2,VENV={VENV}"
+    return run(["sbatch", "--parsable", f"--export={exports}", *CPU_JOB, *args], cwd=work, env=job_env(cluster, work))
+
+
+def state(cluster, job):
+    out = run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], env=cluster).stdout.split()
+    return out[0].split()[0] if out else "UNKNOWN"
+
+
+def wait_for(cluster, job, states, timeout=300):
+    deadline = time.monotonic() + timeout
+    while (s := state(cluster, job)) not in states:
+        assert time.monotonic() < deadline, f"job {job} still {s} after {timeout}s"
+        time.sleep(1)
+    return s
+
+
+def wait_for_text(path_glob, work, text, timeout=300):
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = "".join(p.read_text(errors="replace") for p in work.glob(path_glob))
+        if text in logs:
+            return logs
+        assert time.monotonic() < deadline, f"'{text}' not in {path_glob} after {timeout}s:\n{logs[-3000:]}"
+        time.sleep(0.5)
+
+
+def only_run(work):
+    from mlflow import MlflowClient
+    c = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    [r] = c.search_runs([c.get_experiment_by_name("slurm").experiment_id])
+    steps = {k: sorted(m.step for m in c.get_metric_history(r.info.run_id, k)) for k in ("train_loss", "test_top1")}
+    return r, steps
+
+
+@pytest.fixture(scope="module")
+def sbatch_run(cluster, synthetic_data, tmp_path_factory):
+    work = workdir(tmp_path_factory.mktemp("sbatch"), synthetic_data)
+    p = sbatch(cluster, work, SBATCH, *RECIPE)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip()
+    final = wait_for(cluster, job, DONE)
+    return work, job, final, (work / f"cifar100-ddp-{job}.log").read_text()
+
+
+def test_sbatch_trains_with_two_workers_and_one_mlflow_run(sbatch_run):
+    work, job, final, log = sbatch_run
+    assert final == "COMPLETED", log[-3000:]
+    assert "1 node(s) × 2 worker(s), rendezvous" in log and "2 × cpu (gloo)" in log
+    assert len(EPOCH_LINE.findall(log)) == EPOCHS and "trainer exited 0" in log
+    r, steps = only_run(work)
+    assert r.info.status == "FINISHED" and r.data.tags["slurm_job_id"] == job
+    assert steps == {"train_loss": list(range(EPOCHS)), "test_top1": list(range(EPOCHS))}
+
+
+def test_sbatch_job_signalled_mid_run_requeues_resumes_and_matches(cluster, sbatch_run, synthetic_data, tmp_path):
+    """USR2 to the batch shell (what --signal=B:USR2@180 does before the time limit) must reach the workers
+    through srun and torchrun; they checkpoint, the script requeues, and the job resumes in the same run."""
+    _, _, _, uninterrupted = sbatch_run
+    work = workdir(tmp_path, synthetic_data)
+    job = sbatch(cluster, work, SBATCH, *RECIPE).stdout.strip()
+    log_name = f"cifar100-ddp-{job}.log"
+    wait_for_text(log_name, work, "\nepoch 1 |")
+    time.sleep(1.0)
+    run(["scancel", "--signal=USR2", "--batch", job], env=cluster, check=True)
+    wait_for_text(log_name, work, "requeueing job")
+    wait_for(cluster, job, {"PENDING", "REQUEUED"} | DONE, timeout=120)
+    run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster)  # Slurm holds requeued jobs ~120 s
+    assert wait_for(cluster, job, DONE) == "COMPLETED"
+    log = (work / log_name).read_text()
+    assert "got SIGUSR2" in log and "stopped by signal 12" in log and "resuming from" in log
+    assert "(restart 1)" in log
+    assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(uninterrupted)  # each epoch once, same numbers
+    r, steps = only_run(work)
+    assert r.info.status == "FINISHED"
+    assert steps == {"train_loss": list(range(EPOCHS)), "test_top1": list(range(EPOCHS))}
+
+
+def submit(cluster, work, *args, wait=True):
+    cmd = [sys.executable, "-m", "slurm.submit", "--gpus-per-node", "0", "--tasks-per-node", "2",
+           "--cpus-per-task", "1", *(["--wait"] if wait else []), *args]
+    return run(cmd, cwd=work, env=job_env(cluster, work), timeout=600)
+
+
+def test_submitit_launcher_runs_the_same_training(cluster, sbatch_run, synthetic_data, tmp_path):
+    _, _, _, sbatch_log = sbatch_run
+    work = workdir(tmp_path, synthetic_data)
+    p = submit(cluster, work, "--", *RECIPE)
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = re.search(r"submitted job (\d+) \(slurm\)", p.stdout).group(1)
+    log = (work / "slurm-logs" / job / f"{job}_0_log.out").read_text()
+    assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(sbatch_log)  # same seed, same world size, same run
+    r, steps = only_run(work)
+    assert r.info.status == "FINISHED" and steps["test_top1"] == list(range(EPOCHS))
+
+
+def test_submitit_job_preempted_requeues_through_submitit_and_resumes(cluster, sbatch_run, synthetic_data,
+                                                                      tmp_path):
+    _, _, _, sbatch_log = sbatch_run
+    work = workdir(tmp_path, synthetic_data)
+    p = submit(cluster, work, "--", *RECIPE, wait=False)
+    job = re.search(r"submitted job (\d+)", p.stdout).group(1)
+    wait_for_text(f"slurm-logs/{job}/{job}_0_log.out", work, "\nepoch 1 |")
+    time.sleep(1.0)
+    run(["scancel", "--signal=USR2", job], env=cluster, check=True)  # every task, as Slurm's --signal does
+    wait_for(cluster, job, {"PENDING", "REQUEUED"} | DONE, timeout=120)
+    run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster)
+    assert wait_for(cluster, job, DONE) == "COMPLETED"
+    log = (work / "slurm-logs" / job / f"{job}_0_log.out").read_text()
+    assert "stopped by signal 12" in log and "resuming from" in log
+    assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(sbatch_log)
+    r, steps = only_run(work)
+    assert r.info.status == "FINISHED" and steps["test_top1"] == list(range(EPOCHS))
+
+
+@pytest.mark.parametrize("case", ["partition", "gpus", "no-data"])
+def test_bad_sbatch_submissions_fail_clearly(cluster, tmp_path, case):
+    args = {"partition": ["--partition=nope"], "gpus": ["--gpus-per-node=4"], "no-data": []}[case]
+    # later flags win: the GPU case overrides CPU_JOB's --gpus-per-node=0
+    p = sbatch(cluster, tmp_path, *args, SBATCH, *RECIPE)
+    if case != "no-data":
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode != 0 and last.startswith("sbatch: error:"), p.stderr
+        assert {"partition": "Invalid partition", "gpus": "Invalid generic resource"}[case] in p.stderr
+        return
+    job = p.stdout.strip()
+    assert wait_for(cluster, job, DONE) == "FAILED"
+    log = (tmp_path / f"cifar100-ddp-{job}.log").read_text()
+    assert error_lines(log) == [f"error: no prepared data in data/ (no manifest.json); run make prep-data on a "
+                                f"node with the data, or set DATA_DIR"]
+
+
+@pytest.mark.parametrize("case", ["partition", "gpus", "no-data"])
+def test_bad_submitit_submissions_fail_in_one_line(cluster, synthetic_data, tmp_path, case):
+    work = tmp_path if case == "no-data" else workdir(tmp_path, synthetic_data)
+    args = {"partition": ["--partition", "nope"], "gpus": ["--gpus-per-node", "4"], "no-data": []}[case]
+    p = run([sys.executable, "-m", "slurm.submit", "--tasks-per-node", "2", "--cpus-per-task", "1",
+             "--gpus-per-node", "0", *args, "--", *RECIPE], cwd=work, env=job_env(cluster, work))
+    assert p.returncode != 0
+    assert len(p.stderr.strip().splitlines()) == 1 and error_lines(p.stderr), p.stderr
+    expected = {"partition": "Invalid partition", "gpus": "Invalid generic resource",
+                "no-data": "no prepared data"}[case]
+    assert expected in p.stderr
