@@ -11,13 +11,17 @@ NPROC  ?=
 EPOCHS ?=
 ARGS   ?=
 PORT   ?= 5000
+SUBMIT ?=
+DOCKER ?= docker
+IMAGE  ?= cifar100-ddp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps prep-data train test mlflow-ui clean clean-all
+.PHONY: help setup system-deps prep-data train test mlflow-ui submit docker clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: SOURCE=download|synthetic|PATH  DATA=dir  NPROC=n  EPOCHS=n  ARGS='--flag value …'  PORT=n"
+	@echo "             SUBMIT='launcher flags'  DOCKER=docker|podman  IMAGE=name"
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo -n "$$p "; done); \
@@ -53,6 +57,12 @@ mlflow-ui: setup ## MLflow UI on 127.0.0.1 (PORT=5000) over the default store ./
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)/#/experiments  (Ctrl-C stops it)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(PORT)
+
+submit: setup ## submit to Slurm with submitit (SUBMIT='--nodes 2 --partition gpu …', ARGS=trainer flags)
+	$(PY) -m slurm.submit $(SUBMIT) -- $(ARGS)
+
+docker: ## build the cluster image (IMAGE=cifar100-ddp, DOCKER=docker or podman)
+	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE) .
 
 clean: ## remove caches and temporary files (keeps .venv, data, runs and the MLflow store)
 	rm -rf .pytest_cache build *.egg-info

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
             return 1
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "ddp_train", "--data-dir", data_dir, *extra]
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle",
+           "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir", data_dir, *extra]
     print("launch: " + " ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
 
