@@ -1,6 +1,7 @@
 """Process group from the torchrun environment: NCCL with one GPU per local rank, gloo on CPU — one code path."""
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,26 @@ def from_env() -> Dist:
     return Dist(rank, local_rank, world_size, device)
 
 
+class DistError(Exception):
+    """The process group cannot be formed: one line naming the problem and the fix."""
+
+
+def check_rendezvous_address() -> None:
+    """MASTER_ADDR must resolve: a typo or a missing /etc/hosts entry must fail at once, not hang or end up on
+    loopback by accident."""
+    addr = os.environ.get("MASTER_ADDR")
+    if not addr:
+        return
+    try:
+        socket.getaddrinfo(addr, None)
+    except socket.gaierror as e:
+        raise DistError(f"MASTER_ADDR '{addr}' does not resolve ({e.strerror}); set it to the first node's "
+                        "hostname or address (slurm/train.sbatch and slurm.submit do)") from None
+
+
 def init(d: Dist, timeout_s: int) -> None:
+    if d.distributed:
+        check_rendezvous_address()
     if d.device.type == "cuda":
         torch.cuda.set_device(d.device)
     if d.distributed:

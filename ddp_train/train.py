@@ -303,7 +303,11 @@ def main(argv=None) -> int:
         print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip().replace("\n", "\n  "))
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    dist.init(d, cfg.dist_timeout)
+    try:
+        dist.init(d, cfg.dist_timeout)
+    except dist.DistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}  # e.g. submitit's
     try:
         if run(cfg, d, manifest).get("preempted"):

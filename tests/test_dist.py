@@ -45,3 +45,12 @@ def test_batch_size_not_divisible_by_world_size_fails_in_one_line(synthetic_data
     assert p.returncode != 0
     assert error_lines(p.stderr) == ["error: --batch-size 255 is not divisible by the world size 2; "
                                      "use a multiple of 2"], p.stderr
+
+
+def test_an_unresolvable_rendezvous_address_fails_at_once_in_one_line(synthetic_data):
+    env = {"MASTER_ADDR": "no-such-node.invalid", "MASTER_PORT": "29999", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "2"}
+    p = run([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, "--no-mlflow"], env=env, timeout=120)
+    assert p.returncode == 1
+    [line] = error_lines(p.stderr)
+    assert "MASTER_ADDR 'no-such-node.invalid' does not resolve" in line
