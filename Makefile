@@ -11,15 +11,16 @@ NPROC  ?=
 EPOCHS ?=
 ARGS   ?=
 PORT   ?= 5000
+HOST   ?= 127.0.0.1
 SUBMIT ?=
 DOCKER ?= docker
 IMAGE  ?= cifar100-ddp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps prep-data train test mlflow-ui submit docker clean clean-all
+.PHONY: help setup system-deps prep-data train test mlflow-ui mlflow-server submit docker clean clean-all
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  variables: SOURCE=download|synthetic|PATH  DATA=dir  NPROC=n  EPOCHS=n  ARGS='--flag value …'  PORT=n"
 	@echo "             SUBMIT='launcher flags'  DOCKER=docker|podman  IMAGE=name"
 
@@ -58,6 +59,13 @@ mlflow-ui: setup ## MLflow UI on 127.0.0.1 (PORT=5000) over the default store ./
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(PORT)
 
+mlflow-server: setup ## tracking server for multi-node jobs: sqlite + served artifacts in mlflow-server/ (HOST, PORT)
+	@mkdir -p mlflow-server/artifacts
+	@echo "MLflow server: http://$(HOST):$(PORT)  — jobs: export MLFLOW_TRACKING_URI=http://<this host>:$(PORT)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db --artifacts-destination $(CURDIR)/mlflow-server/artifacts \
+	  --host $(HOST) --port $(PORT) --workers 1 $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
+
 submit: setup ## submit to Slurm with submitit (SUBMIT='--nodes 2 --partition gpu …', ARGS=trainer flags)
 	$(PY) -m slurm.submit $(SUBMIT) -- $(ARGS)
 
@@ -68,5 +76,5 @@ clean: ## remove caches and temporary files (keeps .venv, data, runs and the MLf
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
-clean-all: clean ## also remove .venv, data/, runs/ and the MLflow store (mlflow.db, mlruns/)
-	rm -rf $(VENV) data runs mlruns mlflow.db
+clean-all: clean ## also remove .venv, data/, runs/, slurm-logs/ and the MLflow stores
+	rm -rf $(VENV) data runs mlruns mlflow.db mlflow-server slurm-logs

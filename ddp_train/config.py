@@ -66,6 +66,9 @@ class Config:
     keep_ckpts: int = knob(3, "checkpoints kept in <run dir>/checkpoints")
     resume: str = knob("auto", "auto: continue from the newest valid checkpoint of the run directory; never")
     # tracking
+    tta_thresholds: str = knob("50,60,70", "time to accuracy: seconds of training until test top-1 first reaches "
+                                           "each of these percentages (comma-separated; empty: none)")
+    register_model: str = knob("", "also register the final model under this name in the MLflow model registry")
     mlflow: bool = knob(True, "track the run in MLflow (rank 0 only)")
     tracking_uri: str = knob("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     experiment: str = knob("", "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cifar100-ddp)")
@@ -87,11 +90,20 @@ class Config:
             raise ConfigError("--nesterov needs --momentum > 0; pass --no-nesterov or a momentum")
         if self.resume not in ("auto", "never"):
             raise ConfigError(f"--resume must be auto or never, got {self.resume!r}")
+        try:
+            thresholds = self.thresholds()
+        except ValueError:
+            raise ConfigError(f"--tta-thresholds must be comma-separated numbers, got {self.tta_thresholds!r}")
+        if any(not 0 < t <= 100 for t in thresholds):
+            raise ConfigError(f"--tta-thresholds must lie in (0, 100], got {self.tta_thresholds!r}")
         if self.sync_bn and self.norm != "bn":
             raise ConfigError("--sync-bn applies to BatchNorm only; drop it or use --norm bn")
         if self.batch_size % world_size:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the world size {world_size}; "
                               f"use a multiple of {world_size}")
+
+    def thresholds(self) -> list:
+        return [float(t) for t in self.tta_thresholds.split(",") if t.strip()]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

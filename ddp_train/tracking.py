@@ -87,7 +87,7 @@ class Tracker:
         if self.run_id:
             self._guard("set_tags", self.mlflow.set_tags, tags)
 
-    def log_model(self, model, input_example) -> None:
+    def log_model(self, model, input_example, register_as: str = "") -> None:
         if not self.run_id:
             return
 
@@ -97,6 +97,7 @@ class Tracker:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 mlflow.pytorch.log_model(model, name="model", input_example=input_example,
+                                         registered_model_name=register_as or None,
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         self._guard("log_model", _log)
 

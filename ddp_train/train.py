@@ -23,7 +23,7 @@ from data_prep.cifar import DataError
 
 from . import checkpoint
 from . import config as config_lib
-from . import data, dist
+from . import data, dist, report
 from .config import Config, ConfigError
 from .models import build_model
 from .tracking import Tracker, environment_tags
@@ -79,9 +79,12 @@ def train_step(model, images, labels, optimizer, scaler, criterion, amp_dtype, d
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, fine_to_coarse: torch.Tensor, channels_last: bool) -> dict:
     """Test metrics over the whole test set: each rank sums over its disjoint share, then the sums are
-    all-reduced, so any world size counts every image exactly once."""
+    all-reduced, so any world size counts every image exactly once. Also returns, under "per_superclass", the
+    image count and the fine and superclass top-1 hits for each true superclass."""
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, superclass top1, count
+    n_super = int(fine_to_coarse.max()) + 1
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, top-5 hits
+    by_super = torch.zeros(3, n_super, dtype=torch.float64, device=device)  # images, top-1 hits, superclass hits
     for images, fine, coarse in loader:
         x = data.normalize(images)
         if channels_last:
@@ -90,14 +93,18 @@ def evaluate(model, loader, device, amp_dtype, fine_to_coarse: torch.Tensor, cha
             logits = model(x)
         logits = logits.float()
         top5 = logits.topk(5, dim=1).indices
+        onehot = F.one_hot(coarse, n_super).double()  # a matmul, not bincount: deterministic on GPUs too
+        by_super += torch.stack([onehot.sum(0), (top5[:, 0] == fine).double() @ onehot,
+                                 (fine_to_coarse[top5[:, 0]] == coarse).double() @ onehot])
         sums += torch.stack([F.cross_entropy(logits, fine, reduction="sum").double(),
-                             (top5[:, 0] == fine).sum().double(),
-                             (top5 == fine[:, None]).any(dim=1).sum().double(),
-                             (fine_to_coarse[top5[:, 0]] == coarse).sum().double(),
-                             torch.tensor(float(len(fine)), dtype=torch.float64, device=device)])
-    loss, top1, top5, sup, n = dist.all_reduce_sum(sums).tolist()
-    return {"test_loss": loss / n, "test_top1": 100 * top1 / n, "test_top5": 100 * top5 / n,
-            "test_super_top1": 100 * sup / n, "test_count": int(n)}
+                             (top5 == fine[:, None]).any(dim=1).sum().double()])
+    reduced = dist.all_reduce_sum(torch.cat([sums, by_super.flatten()]))
+    (loss, top5), by_super = reduced[:2].tolist(), reduced[2:].view(3, n_super)
+    images, top1, sup = by_super.sum(1).tolist()
+    return {"test_loss": loss / images, "test_top1": 100 * top1 / images, "test_top5": 100 * top5 / images,
+            "test_super_top1": 100 * sup / images, "test_count": int(images),
+            "per_superclass": {k: [int(v) for v in row] for k, row in
+                               zip(("images", "top1_hits", "super_top1_hits"), by_super.tolist())}}
 
 
 def default_run_name(cfg: Config, world_size: int) -> str:
@@ -203,7 +210,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict(), "config": cfg.to_dict(), "manifest_sha256": manifest_sha,
                              "mlflow_run_id": tracker.run_id, "world_size": d.world_size, "ranks": ranks,
-                             "history": history}, target, cfg.keep_ckpts)
+                             "history": history, "per_superclass": per_superclass}, target, cfg.keep_ckpts)
             return target
         return None
 
@@ -214,6 +221,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
         signal.signal(sig, stopper.handler)
 
     metrics = history[-1] if history else {}
+    per_superclass = state.get("per_superclass") if state else None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             skip = start_step if epoch == start_epoch else 0
@@ -259,10 +267,16 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
             loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
             train_seconds = elapsed + time.perf_counter() - t0
             dist.broadcast_buffers(model)  # every rank evaluates rank 0's model: the one that is saved
-            metrics = {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
-                       **evaluate(net, test_loader, device, amp_dtype, fine_to_coarse, cfg.channels_last),
+            test = evaluate(net, test_loader, device, amp_dtype, fine_to_coarse, cfg.channels_last)
+            per_superclass = test.pop("per_superclass")
+            metrics = {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, **test,
                        "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / train_seconds,
                        "epoch_seconds": elapsed + time.perf_counter() - t0}
+            trained_seconds = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
+            for t in cfg.thresholds():  # time to accuracy, logged once, at the epoch that first reaches it
+                key = f"time_to_top1_{t:g}"
+                if metrics["test_top1"] >= t and not any(key in h for h in history):
+                    metrics[key] = trained_seconds
             history.append(metrics)
             log(format_epoch(epoch, metrics), flush=True)
             tracker.log_epoch(metrics, epoch)
@@ -279,7 +293,17 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                      "fine_label_names": manifest["fine_label_names"]}, run_dir / "model.pt")
         log(f"saved {run_dir / 'model.pt'}")
         example = data.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).numpy()
-        tracker.log_model(final, example)
+        tracker.log_model(final, example, register_as=cfg.register_model)
+        pictures = [report.learning_curves(history, run_dir / "learning_curves.png")]
+        if per_superclass:
+            report.per_superclass(per_superclass, manifest["coarse_label_names"], run_dir / "per_superclass.csv",
+                                  run_dir / "per_superclass.png")
+            pictures += [run_dir / "per_superclass.csv", run_dir / "per_superclass.png"]
+        for path in pictures:
+            tracker.log_artifact(path)
+        reached = {k: v for h in history for k, v in h.items() if k.startswith("time_to_top1_")}
+        log("time to accuracy: " + (", ".join(f"{k[13:]} % in {v:.1f} s" for k, v in reached.items())
+                                     or "no threshold reached"))
         tracker.finish("FINISHED")
         if tracker.errors:
             log(f"warning: {tracker.errors} MLflow call(s) failed; see the warnings above")

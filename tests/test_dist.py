@@ -35,7 +35,7 @@ def test_distributed_eval_counts_every_test_image_exactly_once(synthetic_data, t
     run([sys.executable, HELPERS / "eval_shard.py", synthetic_data, tmp_path / "ws1.json"], check=True)
     ws3, ws1 = (json.loads((tmp_path / f).read_text()) for f in ("ws3.json", "ws1.json"))
     assert ws1["test_count"] == ws3["test_count"] == 1000   # 1000 % 3 != 0: no padding, no duplicates
-    for k in ("test_top1", "test_top5", "test_super_top1"):
+    for k in ("test_top1", "test_top5", "test_super_top1", "per_superclass"):
         assert ws3[k] == ws1[k], k                           # integer counts: exactly equal
     assert ws3["test_loss"] == pytest.approx(ws1["test_loss"], rel=1e-6)  # float64 sums in another order
 

@@ -80,6 +80,24 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     model = mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    # loaded back through MLflow, the model reproduces the logged test accuracy
+    # (MLflow 3 stores it as a torch.export "pt2" program, traced in eval mode: no .eval() to call)
+    from ddp_train import data
+    hits = 0
+    for images, fine, _ in data.test_loader(str(synthetic_data), 500, 1, 0, 1, torch.device("cpu")):
+        hits += (model(data.normalize(images).contiguous()).argmax(1) == fine).sum().item()
+    assert hits / 10 == pytest.approx(r.data.metrics["test_top1"], abs=0.11)  # within 1 image of 1000
+    # pictures and the per-superclass table
+    artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
+    assert {"learning_curves.png", "per_superclass.png", "per_superclass.csv"} <= artifacts
+    import csv
+    rows = list(csv.DictReader(open(work / "runs" / "e2e" / "per_superclass.csv")))
+    assert len(rows) == 20 and sum(int(row["images"]) for row in rows) == 1000
+    assert (work / "runs" / "e2e" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # time to accuracy: logged once, at the first epoch whose test top-1 reached the threshold
+    reached = [int(line[0]) for line in EPOCH_LINE.findall(p.stdout) if float(line[3]) >= 50]
+    tta = c.get_metric_history(r.info.run_id, "time_to_top1_50")
+    assert [m.step for m in tta] == reached[:1] and tta[0].value > 0
     saved = torch.load(work / "runs" / "e2e" / "model.pt")
     assert saved["metrics"]["test_top1"] == r.data.metrics["test_top1"]
     assert not list((work / "runs" / "e2e").glob(".*tmp*"))

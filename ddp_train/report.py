@@ -1,0 +1,60 @@
+"""Pictures and tables of a finished run: learning curves and per-superclass test accuracy (rank 0)."""
+import csv
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def learning_curves(history: list, path: Path) -> Path:
+    """Loss and top-1, train and test, per epoch."""
+    plt = _pyplot()
+    epochs = list(range(len(history)))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "train (label-smoothed)"), ("test_loss", "test")):
+        ax_loss.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for key, label in (("train_top1", "train top-1"), ("test_top1", "test top-1"), ("test_top5", "test top-5"),
+                       ("test_super_top1", "test superclass top-1")):
+        ax_acc.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy (log scale)", title="loss", yscale="log")
+    ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy", ylim=(0, 100))
+    from matplotlib.ticker import MaxNLocator
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def per_superclass(counts: dict, names: list, csv_path: Path, png_path: Path) -> list:
+    """Fine and superclass top-1 for the test images of each of the superclasses, as a CSV and a bar chart."""
+    rows = []
+    for i, name in enumerate(names):
+        n = counts["images"][i]
+        rows.append({"superclass": name, "images": n,
+                     "top1": round(100 * counts["top1_hits"][i] / n, 2) if n else 0.0,
+                     "superclass_top1": round(100 * counts["super_top1_hits"][i] / n, 2) if n else 0.0})
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r["superclass_top1"] for r in rows], height=0.4, label="superclass top-1")
+    ax.barh([y - 0.2 for y in ys], [r["top1"] for r in rows], height=0.4, label="fine top-1")
+    ax.set_yticks(list(ys), [r["superclass"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="% of the superclass's test images", xlim=(0, 100), title="test accuracy by superclass")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return rows
