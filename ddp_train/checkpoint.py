@@ -13,7 +13,7 @@ PATTERN = re.compile(r"^ckpt_e(\d{4})_s(\d{6})\.pt$")
 # Fields that may change between a run and its resumption; every other field must match.
 MUTABLE = {"data_dir", "num_workers", "eval_batch_size", "compile", "progress", "out_dir", "dist_timeout",
            "mlflow", "tracking_uri", "experiment", "ckpt_every", "keep_ckpts", "resume", "tta_thresholds",
-           "register_model"}
+           "register_model", "system_metrics", "system_metrics_interval", "log_every_steps"}
 
 
 def path_for(ckpt_dir: Path, epoch: int, step: int) -> Path:

@@ -66,6 +66,9 @@ class Config:
     keep_ckpts: int = knob(3, "checkpoints kept in <run dir>/checkpoints")
     resume: str = knob("auto", "auto: continue from the newest valid checkpoint of the run directory; never")
     # tracking
+    system_metrics: bool = knob(True, "log CPU, memory and GPU metrics to the run (each node's first process)")
+    system_metrics_interval: float = knob(10.0, "seconds between system metric samples")
+    log_every_steps: int = knob(0, "also log train loss and lr every N optimizer steps, asynchronously (0: off)")
     tta_thresholds: str = knob("50,60,70", "time to accuracy: seconds of training until test top-1 first reaches "
                                            "each of these percentages (comma-separated; empty: none)")
     register_model: str = knob("", "also register the final model under this name in the MLflow model registry")
@@ -75,11 +78,11 @@ class Config:
 
     def validate(self, world_size: int = 1) -> None:
         positive = ["epochs", "batch_size", "lr", "width", "eval_batch_size", "num_workers", "dist_timeout",
-                    "ckpt_every", "keep_ckpts"]
+                    "ckpt_every", "keep_ckpts", "system_metrics_interval"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ["weight_decay", "warmup_epochs", "translate", "cutout"]:
+        for name in ["weight_decay", "warmup_epochs", "translate", "cutout", "log_every_steps"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:

@@ -101,6 +101,11 @@ class Tracker:
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         self._guard("log_model", _log)
 
+    def log_steps(self, metrics: dict, step: int) -> None:
+        """Per-step metrics, queued to MLflow's asynchronous logger so the training loop never waits on it."""
+        if self.run_id:
+            self._guard("log_metrics", self.mlflow.log_metrics, metrics, step=step, synchronous=False)
+
     def log_artifact(self, path: Path) -> None:
         if self.run_id:
             self._guard("log_artifact", self.mlflow.log_artifact, str(path))
@@ -133,3 +138,33 @@ def environment_tags(world_size: int, device, manifest_checksum: str, manifest: 
             tags[env.lower()] = os.environ[env]
     tags["command"] = " ".join(sys.argv)[:500]
     return tags
+
+
+class SystemMetrics:
+    """MLflow's system-metrics sampler (CPU, memory, disk, network; GPU through nvidia-ml-py) for one node,
+    writing into the job's run. On a multi-node job each node's first process runs one, labelled by hostname."""
+
+    def __init__(self, run_id, tracking_uri: str, interval: float, label_node: bool, log=print):
+        self.monitor = None
+        if not run_id:
+            return
+        try:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                                node_id=socket.gethostname() if label_node else None,
+                                                tracking_uri=tracking_uri or None)
+            self.monitor.start()
+        except Exception as e:
+            self.monitor = None
+            log(f"warning: MLflow system metrics unavailable ({type(e).__name__}: {str(e)[:200]}); training continues")
+
+    def stop(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception:
+                pass
+            self.monitor = None

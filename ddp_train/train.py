@@ -26,6 +26,7 @@ from . import config as config_lib
 from . import data, dist, report
 from .config import Config, ConfigError
 from .models import build_model
+from . import tracking
 from .tracking import Tracker, environment_tags
 
 # Exit status of a job that stopped on SIGUSR2/SIGTERM after checkpointing: not done, resume it.
@@ -193,6 +194,11 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     tracker.start(run_name, cfg.to_dict(), {**environment_tags(d.world_size, device, manifest_sha, manifest),
                                             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
                   resume_run_id=state.get("mlflow_run_id") if state else None)
+    run_id, uri = dist.broadcast_object((tracker.run_id, tracker.uri))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    sysmetrics = tracking.SystemMetrics(run_id if cfg.mlflow and cfg.system_metrics and d.local_rank == 0 else None,
+                                        uri, cfg.system_metrics_interval,
+                                        label_node=local_world < d.world_size, log=print)
     log(f"run {run_name}: {d.world_size} × {device.type} ({'nccl' if device.type == 'cuda' else 'gloo'}), "
         f"{per_rank_batch} images per rank per step, {steps} steps per epoch, amp "
         f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, data {manifest['source']}")
@@ -253,6 +259,10 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 n = labels.shape[0]
                 sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
                                      torch.tensor(float(n), dtype=torch.float64, device=device)])
+                global_step = epoch * steps + i + 1
+                if cfg.log_every_steps and global_step % cfg.log_every_steps == 0:
+                    tracker.log_steps({"step_train_loss": loss.item(), "step_lr": scheduler.get_last_lr()[0]},
+                                      step=global_step)
                 if stopper.poll():
                     stopped_at = i + 1
                     break
@@ -262,6 +272,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 log(f"stopped by signal {stopper.requested or 'on another rank'} at epoch {epoch}, step {stopped_at}"
                     f"; checkpoint {target}; rerun with --run-name {run_name} (a requeued job does) to resume",
                     flush=True)
+                sysmetrics.stop()
                 tracker.finish("KILLED")
                 return {"preempted": True}
             loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
@@ -283,9 +294,11 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
             if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
                 save_checkpoint(epoch + 1, 0)
     except BaseException as e:  # the run must not stay RUNNING in MLflow
+        sysmetrics.stop()
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
 
+    sysmetrics.stop()
     if d.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         final = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()

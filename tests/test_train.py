@@ -36,7 +36,8 @@ def trained(synthetic_data, tmp_path_factory):
     """One real 2-process run, tracked in its own MLflow store."""
     work = tmp_path_factory.mktemp("run")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "e2e"}
-    p = run(train_cmd(2, synthetic_data, "--run-name", "e2e"), cwd=work, env=env, check=True)
+    p = run(train_cmd(2, synthetic_data, "--run-name", "e2e", "--system-metrics-interval", "1",
+                      "--log-every-steps", "10"), cwd=work, env=env, check=True)
     return work, env, p
 
 
@@ -87,6 +88,9 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     for images, fine, _ in data.test_loader(str(synthetic_data), 500, 1, 0, 1, torch.device("cpu")):
         hits += (model(data.normalize(images).contiguous()).argmax(1) == fine).sum().item()
     assert hits / 10 == pytest.approx(r.data.metrics["test_top1"], abs=0.11)  # within 1 image of 1000
+    # step metrics every 10 of the 5 × 20 steps; system metrics sampled while it ran
+    assert [m.step for m in c.get_metric_history(r.info.run_id, "step_train_loss")] == list(range(10, 101, 10))
+    assert any(k.startswith("system/cpu_utilization_percentage") for k in r.data.metrics), sorted(r.data.metrics)
     # pictures and the per-superclass table
     artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"learning_curves.png", "per_superclass.png", "per_superclass.csv"} <= artifacts
