@@ -22,57 +22,120 @@ def git_state() -> dict:
 
 
 class Tracker:
-    """One MLflow run for the job. `enabled=False` (other ranks, --no-mlflow) makes every method a no-op."""
+    """One MLflow run for the job, written through MlflowClient. `enabled=False` (other ranks, --no-mlflow) makes
+    every method a no-op.
 
-    def __init__(self, enabled: bool, tracking_uri: str, experiment: str, log=print):
+    Never the reason training stops: every call is guarded. Everything logged is also journaled in memory; when a
+    remote tracking server cannot be reached (at start or later), the tracker switches to a local fallback store
+    in the run directory, replays the journal into a new run there, names it in the log, and carries on there.
+    """
+
+    def __init__(self, enabled: bool, tracking_uri: str, experiment: str, fallback_dir: Path = None, log=print):
         self.enabled = enabled
         self.log = log
         self.errors = 0
         self.run_id = None
         self.uri = None
         self.logged_epochs = set()
+        self.fallback = None            # (reason, uri) once the run has moved to the local fallback store
+        self.journal = {"name": None, "params": {}, "tags": {}, "metrics": []}
         if not enabled:
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import mlflow
         self.mlflow = mlflow
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        self.uri = mlflow.get_tracking_uri()
+        self.uri = tracking_uri or mlflow.get_tracking_uri()
+        self.remote = self.uri.startswith(("http://", "https://"))
+        if self.remote:  # fail over in seconds, not after MLflow's minutes of retries with back-off
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.client = mlflow.MlflowClient(self.uri)
         self.experiment = experiment
+        self.fallback_dir = Path(fallback_dir) if fallback_dir else Path(".")
 
-    def _guard(self, what, fn, *args, **kwargs):
+    def _guard(self, what, fn, journaled=False):
+        """Run fn; on failure against a server, fall back and — unless the journal replay already covered it
+        (start, metrics) — run fn again in the fallback store."""
         if not self.enabled:
             return None
         try:
-            return fn(*args, **kwargs)
+            return fn()
         except Exception as e:  # tracking must never stop training
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if self.remote and self.fallback is None and self._fall_back(reason):
+                if journaled:
+                    return None
+                try:
+                    return fn()
+                except Exception as e2:
+                    reason = f"{type(e2).__name__}: {str(e2).splitlines()[0][:200] if str(e2) else ''}"
             self.errors += 1
-            self.log(f"warning: MLflow {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                     "training continues")
+            self.log(f"warning: MLflow {what} failed ({reason}); training continues")
             return None
+
+    def _fall_back(self, reason: str) -> bool:
+        """Move the run to sqlite:///<run dir>/mlflow-fallback.db and replay everything logged so far."""
+        self.fallback_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{(self.fallback_dir / 'mlflow-fallback.db').resolve()}"
+        lost_run = self.run_id
+        try:
+            self.client = self.mlflow.MlflowClient(uri)
+            self.uri, self.remote = uri, False
+            self.run_id = None
+            self._create_run(self.journal["name"], self.journal["params"],
+                             {**self.journal["tags"], "fallback_from": f"{self.journal.get('server')} run {lost_run}"})
+            for metrics, step in self.journal["metrics"]:
+                self._log_batch(metrics, step)
+        except Exception as e:
+            self.log(f"warning: MLflow fallback store {uri} failed too ({type(e).__name__}); tracking is off")
+            self.enabled = False
+            return False
+        self.fallback = (reason, uri)
+        self.log(f"warning: MLflow server {self.journal.get('server')} unreachable ({reason}); the run continues in "
+                 f"the local store {uri} (run {self.run_id}), with everything logged so far replayed; view it with "
+                 f"mlflow ui --backend-store-uri {uri}")
+        return True
+
+    def _create_run(self, run_name, params, tags):
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def _log_batch(self, metrics: dict, step: int, synchronous: bool = True):
+        import time
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                              synchronous=synchronous)
 
     def start(self, run_name: str, params: dict, tags: dict, resume_run_id: str = None) -> None:
         """A new run, or — for a resumed job — the run its checkpoint names, continued (same run id)."""
+        if not self.enabled:
+            return
+        self.journal.update(name=run_name, params={k: str(v) for k, v in params.items()}, tags=dict(tags),
+                            server=self.uri)
+
         def _start():
-            self.mlflow.set_experiment(self.experiment)
             if resume_run_id:
                 try:
-                    run = self.mlflow.start_run(run_id=resume_run_id)
-                    self.mlflow.set_tags(tags)
-                    self.run_id = run.info.run_id
-                    history = self.mlflow.MlflowClient().get_metric_history(self.run_id, "test_top1")
-                    self.logged_epochs = {m.step for m in history}
+                    self.client.update_run(resume_run_id, status="RUNNING")
+                    for k, v in tags.items():
+                        self.client.set_tag(resume_run_id, k, v)
+                    self.run_id = resume_run_id
+                    self.logged_epochs = {m.step for m in self.client.get_metric_history(self.run_id, "test_top1")}
                     return
                 except Exception as e:
+                    if self.remote and not isinstance(e, self.mlflow.exceptions.RestException):
+                        raise  # the server is unreachable, not the run missing: fall back
                     self.log(f"warning: cannot continue MLflow run {resume_run_id} ({type(e).__name__}); "
                              "starting a new run")
-            run = self.mlflow.start_run(run_name=run_name, tags=tags)
-            self.run_id = run.info.run_id
-            self.mlflow.log_params({k: str(v) for k, v in params.items()})
-        self._guard("start", _start)
-        if self.run_id:
+            self._create_run(run_name, params, tags)
+        self._guard("start", _start, journaled=True)
+        if self.run_id and not self.fallback:
             self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {self.uri}"
                      + (" (continued)" if resume_run_id == self.run_id else ""))
 
@@ -80,12 +143,15 @@ class Tracker:
         """Per-epoch metrics with step=epoch; an epoch the run already holds (re-run after a resume from an
         older checkpoint) is not logged twice."""
         if self.run_id and epoch not in self.logged_epochs:
-            self._guard("log_metrics", self.mlflow.log_metrics, metrics, step=epoch)
+            self.journal["metrics"].append((dict(metrics), epoch))
+            self._guard("log_metrics", lambda: self._log_batch(metrics, epoch), journaled=True)
             self.logged_epochs.add(epoch)
 
-    def set_tags(self, tags: dict) -> None:
+    def log_steps(self, metrics: dict, step: int) -> None:
+        """Per-step metrics, queued to MLflow's asynchronous logger so the training loop never waits on it."""
         if self.run_id:
-            self._guard("set_tags", self.mlflow.set_tags, tags)
+            self.journal["metrics"].append((dict(metrics), step))
+            self._guard("log_metrics", lambda: self._log_batch(metrics, step, synchronous=False), journaled=True)
 
     def log_model(self, model, input_example, register_as: str = "") -> None:
         if not self.run_id:
@@ -94,25 +160,24 @@ class Tracker:
         def _log():
             import mlflow.pytorch
             import torch
-            with warnings.catch_warnings():
+            self.mlflow.set_tracking_uri(self.uri)
+            with warnings.catch_warnings(), self.mlflow.start_run(run_id=self.run_id):
                 warnings.simplefilter("ignore")
                 mlflow.pytorch.log_model(model, name="model", input_example=input_example,
                                          registered_model_name=register_as or None,
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         self._guard("log_model", _log)
 
-    def log_steps(self, metrics: dict, step: int) -> None:
-        """Per-step metrics, queued to MLflow's asynchronous logger so the training loop never waits on it."""
-        if self.run_id:
-            self._guard("log_metrics", self.mlflow.log_metrics, metrics, step=step, synchronous=False)
-
     def log_artifact(self, path: Path) -> None:
         if self.run_id:
-            self._guard("log_artifact", self.mlflow.log_artifact, str(path))
+            self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path)))
 
     def finish(self, status: str) -> None:
         if self.run_id:
-            self._guard("end_run", self.mlflow.end_run, status=status)
+            self._guard("end_run", lambda: self.client.set_terminated(self.run_id, status))
+            if self.fallback:
+                self.log(f"MLflow: the tracking server failed during the run ({self.fallback[0]}); the complete run "
+                         f"is {self.run_id} in {self.fallback[1]}")
 
 
 def environment_tags(world_size: int, device, manifest_checksum: str, manifest: dict) -> dict:

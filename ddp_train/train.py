@@ -190,7 +190,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     if cfg.compile:
         net = torch.compile(net)
 
-    tracker = Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment, log=log)
+    tracker = Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment, fallback_dir=run_dir, log=log)
     tracker.start(run_name, cfg.to_dict(), {**environment_tags(d.world_size, device, manifest_sha, manifest),
                                             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
                   resume_run_id=state.get("mlflow_run_id") if state else None)
@@ -289,8 +289,8 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 if metrics["test_top1"] >= t and not any(key in h for h in history):
                     metrics[key] = trained_seconds
             history.append(metrics)
+            tracker.log_epoch(metrics, epoch)  # before the line, so a printed epoch is already tracked
             log(format_epoch(epoch, metrics), flush=True)
-            tracker.log_epoch(metrics, epoch)
             if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
                 save_checkpoint(epoch + 1, 0)
     except BaseException as e:  # the run must not stay RUNNING in MLflow

@@ -1,0 +1,123 @@
+"""tracking against a real MLflow server process: the REST API agrees with what the job printed; a server that is
+unreachable at start or killed mid-run never stops training, and nothing is lost (local fallback store)."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+EPOCHS = 4
+RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100",
+          "--warmup-epochs", "0.5", "--num-workers", "2", "--system-metrics-interval", "1"]
+EPOCH_LINE = re.compile(r"^epoch (\d+) \| .*? \| test ([\d.]+) %", re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+                             "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.3)
+    yield {"url": url, "proc": proc, "store": f"sqlite:///{store}/mlflow.db"}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def train_cmd(data_dir, uri, *extra):
+    return [sys.executable, "-m", "ddp_train", "--data-dir", data_dir, *RECIPE, "--tracking-uri", uri,
+            "--experiment", "srv", "--run-name", "r", *extra]
+
+
+def rest(url, path, **query):
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}", timeout=10) as r:
+        return json.load(r)
+
+
+def runs_in(uri, experiment="srv"):
+    from mlflow import MlflowClient
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c, (c.search_runs([exp.experiment_id]) if exp else [])
+
+
+def test_rest_api_agrees_with_what_the_job_printed(server, synthetic_data, tmp_path):
+    p = run(train_cmd(synthetic_data, server["url"]), cwd=tmp_path, check=True)
+    printed = {int(e): float(t) for e, t in EPOCH_LINE.findall(p.stdout)}
+    assert sorted(printed) == list(range(EPOCHS))
+    exp = rest(server["url"], "experiments/get-by-name", experiment_name="srv")["experiment"]
+    req = urllib.request.Request(f"{server['url']}/api/2.0/mlflow/runs/search", method="POST",
+                                 data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    [found] = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
+    assert found["info"]["status"] == "FINISHED" and found["info"]["run_name"] == "r"
+    hist = rest(server["url"], "metrics/get-history", run_id=found["info"]["run_id"], metric_key="test_top1")
+    assert {m["step"]: round(m["value"], 2) for m in hist["metrics"]} == printed
+    assert "unreachable" not in p.stdout
+
+
+def test_unreachable_server_at_start_falls_back_locally_and_training_finishes(synthetic_data, tmp_path):
+    t0 = time.monotonic()
+    p = run(train_cmd(synthetic_data, f"http://127.0.0.1:{free_port()}"), cwd=tmp_path, check=True)
+    assert time.monotonic() - t0 < 300
+    fallback = tmp_path / "runs" / "r" / "mlflow-fallback.db"
+    assert "unreachable" in p.stdout and str(fallback) in p.stdout and "the complete run is" in p.stdout
+    c, [r] = runs_in(f"sqlite:///{fallback}")
+    assert r.info.status == "FINISHED" and r.data.params["epochs"] == str(EPOCHS)
+    assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == list(range(EPOCHS))
+
+
+def test_server_killed_mid_run_loses_nothing(server, synthetic_data, tmp_path):
+    proc = subprocess.Popen(train_cmd(synthetic_data, server["url"]), cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("epoch 0 |"):
+            os.killpg(server["proc"].pid, signal.SIGKILL)  # the server dies after epoch 0 was logged
+            break
+    rest_out, _ = proc.communicate(timeout=600)
+    stdout = "".join(out) + rest_out
+    assert proc.returncode == 0, stdout[-3000:]
+    printed = {int(e): float(t) for e, t in EPOCH_LINE.findall(stdout)}
+    assert sorted(printed) == list(range(EPOCHS))
+    # the server's store kept what it received before it died
+    c, [on_server] = runs_in(server["store"])
+    assert 0 in {m.step for m in c.get_metric_history(on_server.info.run_id, "test_top1")}
+    # the fallback store has the whole run, epoch 0 replayed
+    fallback = tmp_path / "runs" / "r" / "mlflow-fallback.db"
+    assert "unreachable" in stdout and str(fallback) in stdout
+    c, [r] = runs_in(f"sqlite:///{fallback}")
+    assert r.info.status == "FINISHED" and on_server.info.run_id in r.data.tags["fallback_from"]
+    hist = {m.step: round(m.value, 2) for m in c.get_metric_history(r.info.run_id, "test_top1")}
+    assert hist == printed
