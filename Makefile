@@ -70,7 +70,7 @@ submit: setup ## submit to Slurm with submitit (SUBMIT='--nodes 2 --partition gp
 	$(PY) -m slurm.submit $(SUBMIT) -- $(ARGS)
 
 docker: ## build the cluster image (IMAGE=cifar100-ddp, DOCKER=docker or podman)
-	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE) .
+	$(DOCKER) build -f docker/Dockerfile --build-arg IMAGE_NAME=$(IMAGE) -t $(IMAGE) .
 
 clean: ## remove caches and temporary files (keeps .venv, data, runs and the MLflow store)
 	rm -rf .pytest_cache build *.egg-info

@@ -198,6 +198,10 @@ def environment_tags(world_size: int, device, manifest_checksum: str, manifest: 
     except Exception:
         pass
     tags.update(git_state())
+    image = next((os.environ[v] for v in ("CONTAINER_IMAGE", "APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")
+                  if os.environ.get(v)), None)
+    if image:
+        tags["container_image"] = image
     for env in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
         if env in os.environ:
             tags[env.lower()] = os.environ[env]

@@ -29,11 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+def start_server(store: Path):
     port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
+    store.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
                              "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
@@ -48,14 +46,39 @@ def server(tmp_path):
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
             time.sleep(0.3)
-    yield {"url": url, "proc": proc, "store": f"sqlite:///{store}/mlflow.db"}
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    return {"url": url, "proc": proc, "store": f"sqlite:///{store}/mlflow.db"}
 
 
-def train_cmd(data_dir, uri, *extra):
+def stop_server(srv):
+    try:
+        os.killpg(srv["proc"].pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    srv["proc"].wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = start_server(tmp_path / "server")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def served_run(synthetic_data, tmp_path_factory):
+    """A real server and one short training job tracked on it."""
+    work = tmp_path_factory.mktemp("served")
+    srv = start_server(work / "server")
+    try:
+        p = run(train_cmd(synthetic_data, srv["url"], "served-run"), cwd=work, check=True)
+        yield srv, p
+    finally:
+        stop_server(srv)
+
+
+def train_cmd(data_dir, uri, run_name="r"):
     return [sys.executable, "-m", "ddp_train", "--data-dir", data_dir, *RECIPE, "--tracking-uri", uri,
-            "--experiment", "srv", "--run-name", "r", *extra]
+            "--experiment", "srv", "--run-name", run_name]
 
 
 def rest(url, path, **query):
@@ -70,8 +93,8 @@ def runs_in(uri, experiment="srv"):
     return c, (c.search_runs([exp.experiment_id]) if exp else [])
 
 
-def test_rest_api_agrees_with_what_the_job_printed(server, synthetic_data, tmp_path):
-    p = run(train_cmd(synthetic_data, server["url"]), cwd=tmp_path, check=True)
+def test_rest_api_agrees_with_what_the_job_printed(served_run):
+    server, p = served_run
     printed = {int(e): float(t) for e, t in EPOCH_LINE.findall(p.stdout)}
     assert sorted(printed) == list(range(EPOCHS))
     exp = rest(server["url"], "experiments/get-by-name", experiment_name="srv")["experiment"]
@@ -79,7 +102,7 @@ def test_rest_api_agrees_with_what_the_job_printed(server, synthetic_data, tmp_p
                                  data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
                                  headers={"Content-Type": "application/json"})
     [found] = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
-    assert found["info"]["status"] == "FINISHED" and found["info"]["run_name"] == "r"
+    assert found["info"]["status"] == "FINISHED" and found["info"]["run_name"] == "served-run"
     hist = rest(server["url"], "metrics/get-history", run_id=found["info"]["run_id"], metric_key="test_top1")
     assert {m["step"]: round(m["value"], 2) for m in hist["metrics"]} == printed
     assert "unreachable" not in p.stdout
@@ -121,3 +144,48 @@ def test_server_killed_mid_run_loses_nothing(server, synthetic_data, tmp_path):
     assert r.info.status == "FINISHED" and on_server.info.run_id in r.data.tags["fallback_from"]
     hist = {m.step: round(m.value, 2) for m in c.get_metric_history(r.info.run_id, "test_top1")}
     assert hist == printed
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium, driven by Playwright (its own browser download cannot work offline)."""
+    path = Path("/usr/bin/chromium")
+    if not path.exists():
+        if os.geteuid() != 0:
+            pytest.skip("Chromium is missing and installing it needs root: apt-get install chromium")
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+            env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=900)
+        if not path.exists():
+            run(["apt-get", "update", "-qq"], timeout=600)
+            run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                env={"DEBIAN_FRONTEND": "noninteractive"}, check=True, timeout=900)
+    return str(path)
+
+
+def test_ui_lists_the_run_and_renders_its_metric_charts(served_run, chromium, tmp_path):
+    from playwright.sync_api import sync_playwright
+    server, _ = served_run
+    exp_id = rest(server["url"], "experiments/get-by-name", experiment_name="srv")["experiment"]["experiment_id"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{server['url']}/#/experiments/{exp_id}?workflowType=machine_learning")
+            link = page.get_by_role("link", name="served-run")
+            link.first.wait_for(timeout=60_000)                        # the runs table lists the run
+            page.screenshot(path=str(tmp_path / "runs.png"))
+            link.first.click()
+            page.get_by_role("tab", name="Model metrics").click()
+            page.wait_for_selector("svg.main-svg", timeout=60_000)     # plotly charts rendered
+            charts = page.locator("svg.main-svg").count()
+            page.screenshot(path=str(tmp_path / "charts.png"))
+            page.get_by_placeholder("Search metric charts").fill("test_top1")  # charts below the fold are lazy
+            page.get_by_text("served-run (test_top1)").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "test_top1.png"))
+        finally:
+            browser.close()
+    assert charts >= 4
+    for shot in ("runs.png", "charts.png", "test_top1.png"):
+        assert (tmp_path / shot).read_bytes()[:4] == b"\x89PNG"

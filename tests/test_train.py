@@ -35,7 +35,8 @@ def train_cmd(nproc, data_dir, *extra):
 def trained(synthetic_data, tmp_path_factory):
     """One real 2-process run, tracked in its own MLflow store."""
     work = tmp_path_factory.mktemp("run")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "e2e"}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "e2e",
+           "CONTAINER_IMAGE": "registry.example/cifar100-ddp:test"}
     p = run(train_cmd(2, synthetic_data, "--run-name", "e2e", "--system-metrics-interval", "1",
                       "--log-every-steps", "10"), cwd=work, env=env, check=True)
     return work, env, p
@@ -71,7 +72,8 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     assert t["world_size"] == "2" and t["device_type"] == "cpu" and t["hostname"]
     assert t["torch_version"].startswith("2.14.1") and t["ffcv_version"] == "1.0.2"
     assert t["dataset_manifest_sha256"] == manifest_checksum(synthetic_data) and t["dataset_source"] == "synthetic"
-    assert len(t["git_commit"]) == 40
+    assert len(t["git_commit"]) == 40 and t["git_dirty"] in ("true", "false")
+    assert t["container_image"] == "registry.example/cifar100-ddp:test"
     assert r.data.params["epochs"] == str(EPOCHS) and r.data.params["model"] == "resnet18"
     from ddp_train.config import Config
     assert set(Config.__dataclass_fields__) <= set(r.data.params)
