@@ -237,3 +237,34 @@ class SystemMetrics:
             except Exception:
                 pass
             self.monitor = None
+
+
+class StepLogger:
+    """Loss and lr every N optimizer steps without stalling the GPU: the loss is copied to the host
+    asynchronously and logged at the next logging step (or `flush`), when that copy has long completed."""
+
+    def __init__(self, tracker: Tracker, every: int):
+        self.tracker = tracker
+        self.every = every
+        self.pending = None
+
+    def step(self, global_step: int, loss, lr: float) -> None:
+        if not self.every or global_step % self.every or not self.tracker.run_id:
+            return
+        self.flush()
+        event = None
+        host = loss.detach().to("cpu", non_blocking=True)
+        if loss.is_cuda:
+            import torch
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (global_step, host, lr, event)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, host, lr, event = self.pending
+        if event is not None:
+            event.synchronize()
+        self.tracker.log_steps({"step_train_loss": host.item(), "step_lr": lr}, step=step)
+        self.pending = None

@@ -202,6 +202,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     log(f"run {run_name}: {d.world_size} × {device.type} ({'nccl' if device.type == 'cuda' else 'gloo'}), "
         f"{per_rank_batch} images per rank per step, {steps} steps per epoch, amp "
         f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, data {manifest['source']}")
+    step_logger = tracking.StepLogger(tracker, cfg.log_every_steps)
     bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
 
     def save_checkpoint(epoch, step, gen=None, sums=None, seconds=0.0):
@@ -259,10 +260,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 n = labels.shape[0]
                 sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
                                      torch.tensor(float(n), dtype=torch.float64, device=device)])
-                global_step = epoch * steps + i + 1
-                if cfg.log_every_steps and global_step % cfg.log_every_steps == 0:
-                    tracker.log_steps({"step_train_loss": loss.item(), "step_lr": scheduler.get_last_lr()[0]},
-                                      step=global_step)
+                step_logger.step(epoch * steps + i + 1, loss, scheduler.get_last_lr()[0])
                 if stopper.poll():
                     stopped_at = i + 1
                     break
@@ -275,6 +273,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 sysmetrics.stop()
                 tracker.finish("KILLED")
                 return {"preempted": True}
+            step_logger.flush()
             loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
             train_seconds = elapsed + time.perf_counter() - t0
             dist.broadcast_buffers(model)  # every rank evaluates rank 0's model: the one that is saved
