@@ -38,7 +38,7 @@ def trained(synthetic_data, tmp_path_factory):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "e2e",
            "CONTAINER_IMAGE": "registry.example/cifar100-ddp:test"}
     p = run(train_cmd(2, synthetic_data, "--run-name", "e2e", "--system-metrics-interval", "1",
-                      "--log-every-steps", "10"), cwd=work, env=env, check=True)
+                      "--log-every-steps", "10", "--register-model", "cifar100-e2e"), cwd=work, env=env, check=True)
     return work, env, p
 
 
@@ -93,6 +93,8 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     # step metrics every 10 of the 5 × 20 steps; system metrics sampled while it ran
     assert [m.step for m in c.get_metric_history(r.info.run_id, "step_train_loss")] == list(range(10, 101, 10))
     assert any(k.startswith("system/cpu_utilization_percentage") for k in r.data.metrics), sorted(r.data.metrics)
+    [version] = c.search_model_versions("name='cifar100-e2e'")
+    assert version.run_id == r.info.run_id                    # --register-model registered this run's model
     # pictures and the per-superclass table
     artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"learning_curves.png", "per_superclass.png", "per_superclass.csv"} <= artifacts
