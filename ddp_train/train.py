@@ -258,8 +258,9 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 loss, logits = train_step(net, x, labels, optimizer, scaler, criterion, amp_dtype, device)
                 scheduler.step()
                 n = labels.shape[0]
-                sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
-                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
+                # no host→device tensor per step (it would wait for the GPU): n is added as a scalar argument
+                sums[:2] += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()])
+                sums[2] += n
                 step_logger.step(epoch * steps + i + 1, loss, scheduler.get_last_lr()[0])
                 if stopper.poll():
                     stopped_at = i + 1
