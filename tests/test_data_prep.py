@@ -125,12 +125,12 @@ def test_interrupted_prep_never_leaves_data_that_verifies(tmp_path):
     # Redo it bigger and SIGKILL it while the first beton is being written.
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out,
                              "--synthetic-train", "30000", "--synthetic-test", "100", "--force"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(out.glob(".cifar100_train.beton.tmp*")):
         assert proc.poll() is None and time.monotonic() < deadline, "prep ended before writing"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the prep and its FFCV writer processes, as a killed job would be
     proc.wait()
     with pytest.raises(DataError, match="no prepared data"):
         verify(out)
