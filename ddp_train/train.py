@@ -293,6 +293,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
             log(format_epoch(epoch, metrics), flush=True)
             if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
                 save_checkpoint(epoch + 1, 0)
+        stopper.drain()  # no collective may be in flight when the process group is destroyed
     except BaseException as e:  # the run must not stay RUNNING in MLflow
         sysmetrics.stop()
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")

@@ -50,14 +50,29 @@ def sbatch(cluster, work, *args):
 
 
 def state(cluster, job):
+    """The job's live state from slurmctld (it follows requeues exactly); sacct once the job has left it."""
+    live = re.search(r"JobState=(\S+)", run(["scontrol", "show", "job", job, "-o"], env=cluster).stdout)
+    if live:
+        return live.group(1)
     out = run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], env=cluster).stdout.split()
-    return out[0].split()[0] if out else "UNKNOWN"
+    return out[-1].split()[0] if out else "UNKNOWN"
 
 
 def wait_for(cluster, job, states, timeout=300):
     deadline = time.monotonic() + timeout
     while (s := state(cluster, job)) not in states:
         assert time.monotonic() < deadline, f"job {job} still {s} after {timeout}s"
+        time.sleep(1)
+    return s
+
+
+def finish_requeued(cluster, job, timeout=300):
+    """Follow a requeued job to its end. Slurm may hold it ~120 s (BeginTime): release it whenever it pends."""
+    deadline = time.monotonic() + timeout
+    while (s := state(cluster, job)) not in DONE:
+        assert time.monotonic() < deadline, f"job {job} still {s} after {timeout}s"
+        if s == "PENDING":
+            run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster)
         time.sleep(1)
     return s
 
@@ -111,9 +126,7 @@ def test_sbatch_job_signalled_mid_run_requeues_resumes_and_matches(cluster, sbat
     time.sleep(1.0)
     run(["scancel", "--signal=USR2", "--batch", job], env=cluster, check=True)
     wait_for_text(log_name, work, "requeueing job")
-    wait_for(cluster, job, {"PENDING", "REQUEUED"} | DONE, timeout=120)
-    run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster)  # Slurm holds requeued jobs ~120 s
-    assert wait_for(cluster, job, DONE) == "COMPLETED"
+    assert finish_requeued(cluster, job) == "COMPLETED"
     log = (work / log_name).read_text()
     assert "got SIGUSR2" in log and "stopped by signal 12" in log and "resuming from" in log
     assert "(restart 1)" in log
@@ -150,9 +163,7 @@ def test_submitit_job_preempted_requeues_through_submitit_and_resumes(cluster, s
     wait_for_text(f"slurm-logs/{job}/{job}_0_log.out", work, "\nepoch 1 |")
     time.sleep(1.0)
     run(["scancel", "--signal=USR2", job], env=cluster, check=True)  # every task, as Slurm's --signal does
-    wait_for(cluster, job, {"PENDING", "REQUEUED"} | DONE, timeout=120)
-    run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster)
-    assert wait_for(cluster, job, DONE) == "COMPLETED"
+    assert finish_requeued(cluster, job) == "COMPLETED"
     log = (work / "slurm-logs" / job / f"{job}_0_log.out").read_text()
     assert "stopped by signal 12" in log and "resuming from" in log
     assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(sbatch_log)

@@ -28,4 +28,5 @@ for _ in range(2):
     train.train_step(net, xs, ys, opt, scaler, crit, None, d.device)
 if d.master:
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, sys.argv[1])
+dist.barrier()  # leave together: a gloo peer torn down while the other is still busy can abort the process
 dist.cleanup()

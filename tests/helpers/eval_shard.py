@@ -20,4 +20,5 @@ metrics = train.evaluate(model, loader, d.device, None, torch.tensor(manifest["f
 if d.master:
     with open(sys.argv[2], "w") as f:
         json.dump(metrics, f)
+dist.barrier()  # leave together: a gloo peer torn down while the other is still busy can abort the process
 dist.cleanup()
