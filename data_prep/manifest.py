@@ -1,4 +1,5 @@
 """The manifest that vouches for a pair of betons, and its verification (used by data prep and by the trainer)."""
+import contextlib
 import hashlib
 import json
 import os
@@ -23,14 +24,26 @@ def sha256sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Open a temporary file beside `path` for writing; on success fsync it, rename it to `path` and fsync the
+    directory. On failure the temporary file is removed: `path` is either the old file or the complete new one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,12 +1,11 @@
 """Checkpoints of a run directory: rank 0 saves atomically (temp file, fsync, rename), the last K are kept, and
 loading falls back to the previous valid one when the newest is truncated or belongs to another run."""
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from data_prep.manifest import fsync_dir
+from data_prep.manifest import atomic_file
 
 VERSION = 1
 PATTERN = re.compile(r"^ckpt_e(\d{4})_s(\d{6})\.pt$")
@@ -31,16 +30,8 @@ def list_checkpoints(ckpt_dir: Path) -> list:
 
 def save(state: dict, path: Path, keep: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        torch.save({"version": VERSION, **state}, f)
     for old in list_checkpoints(path.parent)[keep:]:
         old.unlink(missing_ok=True)
 

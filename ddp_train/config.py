@@ -129,13 +129,13 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message}; see python -m ddp_train --help\n")
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ddp_train", description="Train on CIFAR-100 with DDP (run under torchrun).",
+    p = OneLineParser(prog="python -m ddp_train", description="Train on CIFAR-100 with DDP (run under torchrun).",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--config", type=Path, help="YAML or TOML file of config fields (flags override it)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (config file and flags override it)")

@@ -5,6 +5,7 @@ CIFAR example) then run as batched torch ops on the device with a generator seed
 FFCV's own augmentations draw from numba's per-thread RNG, which no seed reaches, so runs and resumes would not
 repeat.
 """
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,16 @@ def test_loader(data_dir: str, batch: int, workers: int, rank: int, world_size: 
                   indices=np.arange(rank, n, world_size, dtype=np.uint64), pipelines=_pipelines(device, coarse=True))
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device):
+    # made once per device: a fresh tensor per batch would be a host→device copy (and a GPU sync) every step
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW → float32 normalised with the CIFAR-100 mean/std, keeping the memory format."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _mean_std(images.device)
     return (images.float() - mean) / std
 
 

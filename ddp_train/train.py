@@ -116,15 +116,6 @@ def default_run_name(cfg: Config, world_size: int) -> str:
     return f"{cfg.model}{width}-b{cfg.batch_size}-lr{cfg.lr:g}-ws{world_size}-{stamp}"
 
 
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def format_epoch(epoch: int, m: dict) -> str:
     return (f"epoch {epoch} | loss {m['train_loss']:.3f} | train {m['train_top1']:.2f} % | "
             f"test {m['test_top1']:.2f} % (top-5 {m['test_top5']:.2f} %, superclass {m['test_super_top1']:.2f} %) | "
@@ -303,8 +294,9 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     if d.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         final = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
-        save_atomic({"model": final.state_dict(), "config": cfg.to_dict(), "metrics": metrics,
-                     "fine_label_names": manifest["fine_label_names"]}, run_dir / "model.pt")
+        with manifest_lib.atomic_file(run_dir / "model.pt") as f:
+            torch.save({"model": final.state_dict(), "config": cfg.to_dict(), "metrics": metrics,
+                        "fine_label_names": manifest["fine_label_names"]}, f)
         log(f"saved {run_dir / 'model.pt'}")
         example = data.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).numpy()
         tracker.log_model(final, example, register_as=cfg.register_model)

@@ -55,13 +55,9 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.trainer_args))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message}; see python -m slurm.submit --help\n")
-
-
 def parse_args(argv=None):
-    p = _Parser(prog="python -m slurm.submit", description=__doc__,
+    from ddp_train.config import OneLineParser
+    p = OneLineParser(prog="python -m slurm.submit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
     p.add_argument("--nodes", type=int, default=1)
