@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--config", type=Path, help="YAML or TOML file of config fields (flags override it)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (config file and flags override it)")
+    p.add_argument("--check", action="store_true", help="validate the config (for WORLD_SIZE) and the data, then "
+                   "exit without training; launchers run it before they allocate workers")
     for f in FIELDS.values():
         kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})", dest=f.name)
         if f.type is bool:
@@ -181,8 +183,13 @@ def load_file(path: Path) -> dict:
 
 
 def parse(argv=None) -> Config:
-    """Config from presets, file and flags. Bad input exits 2 with one line."""
+    return parse_args(argv)[0]
+
+
+def parse_args(argv=None) -> tuple[Config, bool]:
+    """Config from presets, file and flags, and whether --check was given. Bad input exits 2 with one line."""
     ns = vars(build_parser().parse_args(argv))
+    check = ns.pop("check", False)
     try:
         values = {}
         preset = ns.pop("preset", None)
@@ -203,4 +210,4 @@ def parse(argv=None) -> Config:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return cfg
+    return cfg, check

@@ -49,8 +49,9 @@ def check_rendezvous_address() -> None:
     try:
         socket.getaddrinfo(addr, None)
     except socket.gaierror as e:
-        raise DistError(f"MASTER_ADDR '{addr}' does not resolve ({e.strerror}); set it to the first node's "
-                        "hostname or address (slurm/train.sbatch and slurm.submit do)") from None
+        raise DistError(f"MASTER_ADDR '{addr}' does not resolve on {socket.gethostname()} ({e.strerror}); it must "
+                        "name the first node (the Slurm launchers take it from the allocation): fix DNS or "
+                        "/etc/hosts on the nodes, or set MASTER_ADDR to that node's address") from None
 
 
 def init(d: Dist, timeout_s: int) -> None:
@@ -81,6 +82,27 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# Rank 0 alone may spend long on I/O (MLflow start, model export and upload) while the others wait; that wait must
+# not trip a --dist-timeout chosen to detect a dead node within seconds.
+MASTER_IO_TIMEOUT_S = 1800
+
+
+def wait_for_master(timeout_s: int) -> None:
+    """Barrier for the ranks that wait while rank 0 does I/O, with its own (long) timeout."""
+    if dist.is_initialized():
+        dist.monitored_barrier(control_group(), timeout=datetime.timedelta(seconds=max(timeout_s, MASTER_IO_TIMEOUT_S)))
+
+
+class PeerLost(Exception):
+    """A collective failed: another rank died, its node or link went away, or it timed out."""
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out")))
 
 
 def cleanup() -> None:

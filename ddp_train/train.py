@@ -185,6 +185,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     tracker.start(run_name, cfg.to_dict(), {**environment_tags(d.world_size, device, manifest_sha, manifest),
                                             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
                   resume_run_id=state.get("mlflow_run_id") if state else None)
+    dist.wait_for_master(cfg.dist_timeout)
     run_id, uri = dist.broadcast_object((tracker.run_id, tracker.uri))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
     sysmetrics = tracking.SystemMetrics(run_id if cfg.mlflow and cfg.system_metrics and d.local_rank == 0 else None,
@@ -220,6 +221,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
 
     metrics = history[-1] if history else {}
     per_superclass = state.get("per_superclass") if state else None
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             skip = start_step if epoch == start_epoch else 0
@@ -288,6 +290,12 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     except BaseException as e:  # the run must not stay RUNNING in MLflow
         sysmetrics.stop()
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        if dist.is_comm_failure(e):
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise dist.PeerLost(
+                f"rank {d.rank} lost its peers in epoch {epoch} ({first[-200:]}); a node, its link or another rank "
+                f"failed (--dist-timeout {cfg.dist_timeout} s); rerun with --run-name {run_name} (a requeued job "
+                "does) to resume from the last checkpoint") from e
         raise
 
     sysmetrics.stop()
@@ -313,12 +321,12 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
         tracker.finish("FINISHED")
         if tracker.errors:
             log(f"warning: {tracker.errors} MLflow call(s) failed; see the warnings above")
-    dist.barrier()
+    dist.wait_for_master(cfg.dist_timeout)
     return metrics
 
 
 def main(argv=None) -> int:
-    cfg = config_lib.parse(argv)
+    cfg, check = config_lib.parse_args(argv)
     d = dist.from_env()
     try:
         cfg.validate(d.world_size)
@@ -329,6 +337,9 @@ def main(argv=None) -> int:
         if d.local_rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    if check:
+        print(f"config and data ok for world size {d.world_size} ({cfg.data_dir}: {manifest['source']})")
+        return 0
     if d.master:
         print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip().replace("\n", "\n  "))
     if cfg.deterministic:
@@ -345,6 +356,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except dist.PeerLost as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
