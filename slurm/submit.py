@@ -130,7 +130,12 @@ def main(argv=None) -> int:
     try:
         job.results()
     except Exception as e:
-        print(f"error: job {job.job_id} failed: {' '.join(str(e).split())[-400:]}", file=sys.stderr)
+        # The trainer's own one-line reason, from any task's log; submitit's exception ends in a traceback.
+        logs = sorted(job.paths.folder.glob(f"{job.job_id}_*_log.*"))
+        reasons = [line[7:] for log in logs for line in log.read_text(errors="replace").splitlines()
+                   if line.startswith("error: ")]
+        reason = reasons[0] if reasons else " ".join(str(e).split())[-400:]
+        print(f"error: job {job.job_id} failed: {reason}; logs in {job.paths.folder}", file=sys.stderr)
         return 1
     print(f"job {job.job_id} finished")
     return 0
