@@ -3,96 +3,26 @@ and the submitit launcher on 2 CPU workers; a signalled job checkpoints, requeue
 uninterrupted one."""
 import os
 import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, error_lines, run
+from conftest import error_lines, run
+from slurmtools import (DONE, EPOCH_LINE, SBATCH, finish_requeued, job_env, only_run, sbatch, slurm_cluster, state,
+                        wait_for, wait_for_text, workdir)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting a Slurm cluster needs root (CI runs as root)")
 
-CLUSTER = ROOT / "tests" / "cluster" / "slurm-cluster.sh"
-SBATCH = ROOT / "slurm" / "train.sbatch"
-VENV = Path(sys.executable).parent.parent
 EPOCHS = 4
 RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100", "--lr", "0.2",
           "--warmup-epochs", "0.5"]
-CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=2"]  # override the GPU header for this CPU-only node
-EPOCH_LINE = re.compile(r"^epoch \d+ \|.*?%\)", re.M)
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slurm")
-    try:
-        run(["bash", CLUSTER, "start", d], check=True, timeout=900)
-        yield {"SLURM_CONF": str(d / "slurm.conf")}
-    finally:  # also after a failed start: stop whatever did start
-        run(["bash", CLUSTER, "stop", d], timeout=300)
-
-
-def workdir(tmp_path, synthetic_data):
-    (tmp_path / "data").symlink_to(synthetic_data)
-    return tmp_path
-
-
-def job_env(cluster, work):
-    return {**cluster, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "slurm"}
-
-
-def sbatch(cluster, work, *args):
-    exports = f"ALL,NPROC_PER_NODE=2,VENV={VENV}"
-    return run(["sbatch", "--parsable", f"--export={exports}", *CPU_JOB, *args], cwd=work, env=job_env(cluster, work))
-
-
-def state(cluster, job):
-    """The job's live state from slurmctld (it follows requeues exactly); sacct once the job has left it."""
-    live = re.search(r"JobState=(\S+)", run(["scontrol", "show", "job", job, "-o"], env=cluster).stdout)
-    if live:
-        return live.group(1)
-    out = run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], env=cluster).stdout.split()
-    return out[-1].split()[0] if out else "UNKNOWN"
-
-
-def wait_for(cluster, job, states, timeout=300):
-    deadline = time.monotonic() + timeout
-    while (s := state(cluster, job)) not in states:
-        assert time.monotonic() < deadline, f"job {job} still {s} after {timeout}s"
-        time.sleep(1)
-    return s
-
-
-def finish_requeued(cluster, job, timeout=300):
-    """Follow a requeued job to its end. Slurm may hold it ~120 s (BeginTime): release it whenever it pends."""
-    deadline = time.monotonic() + timeout
-    while (s := state(cluster, job)) not in DONE:
-        assert time.monotonic() < deadline, f"job {job} still {s} after {timeout}s"
-        if s == "PENDING":
-            run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster)
-        time.sleep(1)
-    return s
-
-
-def wait_for_text(path_glob, work, text, timeout=300):
-    deadline = time.monotonic() + timeout
-    while True:
-        logs = "".join(p.read_text(errors="replace") for p in work.glob(path_glob))
-        if text in logs:
-            return logs
-        assert time.monotonic() < deadline, f"'{text}' not in {path_glob} after {timeout}s:\n{logs[-3000:]}"
-        time.sleep(0.5)
-
-
-def only_run(work):
-    from mlflow import MlflowClient
-    c = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
-    [r] = c.search_runs([c.get_experiment_by_name("slurm").experiment_id])
-    steps = {k: sorted(m.step for m in c.get_metric_history(r.info.run_id, k)) for k in ("train_loss", "test_top1")}
-    return r, steps
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +56,9 @@ def test_sbatch_job_signalled_mid_run_requeues_resumes_and_matches(cluster, sbat
     time.sleep(1.0)
     run(["scancel", "--signal=USR2", "--batch", job], env=cluster, check=True)
     wait_for_text(log_name, work, "requeueing job")
-    assert finish_requeued(cluster, job) == "COMPLETED"
+    final = finish_requeued(cluster, job)
     log = (work / log_name).read_text()
+    assert final == "COMPLETED", log[-4000:]
     assert "got SIGUSR2" in log and "stopped by signal 12" in log and "resuming from" in log
     assert "(restart 1)" in log
     assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(uninterrupted)  # each epoch once, same numbers

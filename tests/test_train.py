@@ -201,3 +201,21 @@ def test_a_signalled_run_checkpoints_resumes_and_ends_like_an_uninterrupted_one(
     assert r.info.status == "FINISHED"
     for key in METRICS:
         assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == list(range(EPOCHS)), key
+
+
+@pytest.mark.parametrize("case", ["ok", "world-size", "no-data"])
+def test_check_validates_config_and_data_for_the_world_size_without_training(synthetic_data, tmp_path, case):
+    data = {"ok": synthetic_data, "world-size": synthetic_data, "no-data": tmp_path}[case]
+    env = {"WORLD_SIZE": "3" if case == "world-size" else "2", "RANK": "0", "LOCAL_RANK": "0"}
+    p = run([sys.executable, "-m", "ddp_train", "--check", "--data-dir", data, "--batch-size", "100"],
+            cwd=tmp_path, env=env)
+    if case == "ok":
+        assert p.returncode == 0 and p.stdout.strip() == f"config and data ok for world size 2 ({data}: synthetic)"
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing trained
+        return
+    assert p.returncode == {"world-size": 2, "no-data": 1}[case] and not p.stdout
+    assert error_lines(p.stderr) == [{"world-size": "error: --batch-size 100 is not divisible by the world size 3; "
+                                                    "use a multiple of 3",
+                                      "no-data": f"error: no prepared data in {tmp_path}/ (no manifest.json); run "
+                                                 f"`make prep-data` or `python -m data_prep --out {tmp_path} "
+                                                 "--source …`"}[case]]

@@ -1,0 +1,213 @@
+"""Multi-node for real: a two-node Slurm cluster on this machine (each slurmd in its own network, UTS and mount
+namespace on a bridge: tests/cluster/slurm-cluster.sh start DIR 2) runs the project's launchers across both nodes.
+Two nodes × 1 worker train exactly like one node × 2 workers; the rendezvous address comes from the allocation and
+a bad one fails at once; a node that loses its link or its worker fails the job within --dist-timeout, and the
+requeued job resumes from its checkpoint and finishes, each epoch logged once."""
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import error_lines, run
+from slurmtools import (DONE, EPOCH_LINE, SBATCH, finish_requeued, job_env, only_run, sbatch, slurm_cluster,
+                        wait_for, wait_for_text, workdir)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and Slurm need root (CI runs as root)")
+
+EPOCHS = 3
+RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100", "--lr", "0.2",
+          "--warmup-epochs", "0.5", "--system-metrics-interval", "1"]
+DIST_TIMEOUT = 15
+NODE_ADDR = {"node1": "10.123.0.11", "node2": "10.123.0.12"}
+
+
+def leftovers() -> list:
+    """What a stopped two-node cluster must not leave behind."""
+    found = [ns.split()[0] for ns in run(["ip", "netns", "list"]).stdout.splitlines() if ns.startswith("slurmtest-")]
+    found += ["bridge slurmtest0"] if run(["ip", "link", "show", "slurmtest0"]).returncode == 0 else []
+    return found + [p.name() for p in psutil.process_iter() if p.name() in ("slurmd", "slurmctld", "slurmdbd")]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with slurm_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2) as env:
+        yield env
+    assert not leftovers(), f"stopping the cluster left {leftovers()}"
+
+
+def two_nodes(cluster, work, *args, exports=""):
+    return sbatch(cluster, work, "--nodes=2", SBATCH, *RECIPE, *args, nproc=1, cpus=1, exports=exports)
+
+
+def metric_values(work) -> dict:
+    """Every per-epoch metric of the job's one run, as exact floats by epoch."""
+    from mlflow import MlflowClient
+    r, _ = only_run(work)
+    c = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    return {k: [m.value for m in sorted(c.get_metric_history(r.info.run_id, k), key=lambda m: m.step)]
+            for k in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "test_super_top1")}
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, synthetic_data, tmp_path_factory):
+    """The same recipe on one node × 2 workers and on two nodes × 1 worker (same world size, global batch, seed),
+    submitted together; each job's work directory, final state and log."""
+    out = {}
+    for name, nodes, nproc in (("one_node", 1, 2), ("two_nodes", 2, 1)):
+        work = workdir(tmp_path_factory.mktemp(name), synthetic_data)
+        p = sbatch(cluster, work, f"--nodes={nodes}", SBATCH, *RECIPE, nproc=nproc, cpus=1)
+        assert p.returncode == 0, p.stderr
+        out[name] = [work, p.stdout.strip()]
+    for name, (work, job) in out.items():
+        final = wait_for(cluster, job, DONE)
+        out[name] += [final, (work / f"cifar100-ddp-{job}.log").read_text()]
+    return out
+
+
+def test_nodes_have_their_own_addresses_and_hostnames_and_no_route_out(cluster):
+    p = run(["srun", "--nodes=2", "--ntasks-per-node=1", "sh", "-c",
+             'echo "$(hostname) $(getent ahostsv4 "$(hostname)" | head -1 | cut -d" " -f1) $(ip route | grep -c ^default)"'],
+            env=cluster, check=True, timeout=60)
+    assert sorted(p.stdout.split("\n")[:2]) == ["node1 10.123.0.11 0", "node2 10.123.0.12 0"]
+
+
+def test_sbatch_on_two_nodes_trains_exactly_like_one_node(jobs):
+    (one, _, one_state, one_log), (two, job, two_state, two_log) = jobs["one_node"], jobs["two_nodes"]
+    assert one_state == two_state == "COMPLETED", two_log[-3000:]
+    assert f"job {job} (restart 0) on node[1-2]: 2 node(s) × 1 worker(s), rendezvous {NODE_ADDR['node1']}:" in two_log
+    assert "2 × cpu (gloo)" in two_log and "trainer exited 0" in two_log
+    assert len(EPOCH_LINE.findall(two_log)) == EPOCHS
+    assert EPOCH_LINE.findall(two_log) == EPOCH_LINE.findall(one_log)
+    assert metric_values(two) == metric_values(one)  # bit for bit: same ranks, same data, same reductions
+    r, steps = only_run(two)
+    assert r.info.status == "FINISHED" and r.data.tags["slurm_job_nodelist"] == "node[1-2]"
+    assert steps == {"train_loss": list(range(EPOCHS)), "test_top1": list(range(EPOCHS))}
+    # each node's first process sampled its own node, labelled with its hostname
+    assert {"system/node1/cpu_utilization_percentage", "system/node2/cpu_utilization_percentage"} <= set(r.data.metrics)
+
+
+def submit(cluster, work, *args):
+    cmd = [sys.executable, "-m", "slurm.submit", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
+           "--cpus-per-task", "1", "--wait", *args]
+    return run(cmd, cwd=work, env=job_env(cluster, work), timeout=600)
+
+
+def test_submitit_on_two_nodes_trains_exactly_like_one_node(cluster, jobs, synthetic_data, tmp_path):
+    one, *_ = jobs["one_node"]
+    work = workdir(tmp_path, synthetic_data)
+    p = submit(cluster, work, "--", *RECIPE)
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = re.search(r"submitted job (\d+) \(slurm\): 2 node\(s\) × 1 task\(s\)", p.stdout).group(1)
+    assert metric_values(work) == metric_values(one)
+    r, steps = only_run(work)
+    assert r.info.status == "FINISHED" and r.data.tags["slurm_job_id"] == job
+    assert r.data.tags["slurm_job_nodelist"] == "node[1-2]" and r.data.tags["hostname"] == "node1"
+    assert {"system/node1/cpu_utilization_percentage", "system/node2/cpu_utilization_percentage"} <= set(r.data.metrics)
+
+
+class HostsEdited:
+    """Rewrite the nodes' /etc/hosts (the cluster's hosts file, bind-mounted into each node: edited in place, as
+    the mounts follow the inode) and restore it afterwards."""
+
+    def __init__(self, cluster, old, new):
+        self.path = Path(cluster["SLURM_CONF"]).parent / "hosts"
+        self.old, self.new = old, new
+
+    def __enter__(self):
+        self.saved = self.path.read_text()
+        assert self.old in self.saved
+        with open(self.path, "r+") as f:
+            f.write(self.saved.replace(self.old, self.new))
+            f.truncate()
+
+    def __exit__(self, *exc):
+        with open(self.path, "r+") as f:
+            f.write(self.saved)
+            f.truncate()
+
+
+@pytest.mark.parametrize("case", ["unresolvable", "loopback"])
+def test_sbatch_refuses_a_first_node_that_others_cannot_reach(cluster, synthetic_data, tmp_path, case):
+    work = workdir(tmp_path, synthetic_data)
+    new = {"unresolvable": "", "loopback": "127.0.1.1 node1\n"}[case]
+    with HostsEdited(cluster, "10.123.0.11 node1\n", new):
+        job = two_nodes(cluster, work).stdout.strip()
+        assert wait_for(cluster, job, DONE, timeout=60) == "FAILED"
+    log = (work / f"cifar100-ddp-{job}.log").read_text()
+    assert error_lines(log) == [{
+        "unresolvable": "error: first node 'node1' of the allocation does not resolve; fix DNS or /etc/hosts on the nodes",
+        "loopback": "error: first node 'node1' resolves to loopback 127.0.1.1; other nodes could not reach it — fix "
+                    "/etc/hosts"}[case]]
+    assert "config:" not in log  # no worker started
+
+
+def test_submitit_refuses_an_unresolvable_first_node_in_one_line(cluster, synthetic_data, tmp_path):
+    work = workdir(tmp_path, synthetic_data)
+    with HostsEdited(cluster, "10.123.0.11 node1\n", ""):
+        p = submit(cluster, work, "--", *RECIPE)
+    assert p.returncode == 1
+    [line] = p.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: job \d+ failed: MASTER_ADDR 'node1' does not resolve on node\d \(.*\); it must name "
+                        r"the first node .*; logs in \S+", line), line
+
+
+def worker_on(node: str):
+    """The training process (not torchrun, not the launcher) running in a node's network namespace."""
+    pids = run(["ip", "netns", "pids", f"slurmtest-{node}"], check=True).stdout.split()
+    for pid in map(int, pids):
+        try:
+            cmd = " ".join(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "-m ddp_train" in cmd and "torchrun" not in cmd and "--check" not in cmd:
+            return psutil.Process(pid)
+    raise AssertionError(f"no ddp_train worker in {node}'s namespace")
+
+
+def test_cut_link_fails_within_dist_timeout_and_requeued_job_resumes(cluster, jobs, synthetic_data, tmp_path):
+    """node2's link goes down mid-epoch: rank 0 fails at its collective timeout (not the 10-minute default), the
+    attempt ends with the trainer's failure and requeues the job, which resumes from the last checkpoint once node2
+    is back and ends exactly like an uninterrupted run."""
+    *_, reference = jobs["two_nodes"]
+    work = workdir(tmp_path, synthetic_data)
+    job = two_nodes(cluster, work, "--dist-timeout", str(DIST_TIMEOUT)).stdout.strip()
+    log_name = f"cifar100-ddp-{job}.log"
+    wait_for_text(log_name, work, "\nepoch 1 |")
+    time.sleep(0.5)
+    run(["ip", "link", "set", "vt-node2", "down"], check=True)
+    try:
+        wait_for_text(log_name, work, "lost its peers", timeout=120)
+    finally:
+        run(["ip", "link", "set", "vt-node2", "up"], check=True)  # the node is back
+    assert finish_requeued(cluster, job) == "COMPLETED"
+    log = (work / log_name).read_text()
+    first, second = log.split(f"job {job} (restart 1)")
+    lost = [line for line in error_lines(first) if "lost its peers" in line]
+    assert lost and f"Timed out waiting {DIST_TIMEOUT * 1000}ms" in lost[0] and \
+        f"--dist-timeout {DIST_TIMEOUT} s" in lost[0], first[-3000:]
+    failed = re.search(r"trainer failed \(exit (\d+)\), failure 1 of at most 2: requeueing job", first)
+    assert failed and failed.group(1) != "0" and f"trainer exited {failed.group(1)}" in first
+    assert "resuming from" in second and "trainer exited 0" in second
+    assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(reference)  # each epoch once, same numbers
+    r, steps = only_run(work)
+    assert r.info.status == "FINISHED"
+    assert steps == {"train_loss": list(range(EPOCHS)), "test_top1": list(range(EPOCHS))}
+    assert len((work / ".slurm-failures" / job).read_text().splitlines()) == 1
+
+
+def test_killed_worker_fails_the_job_with_its_status_when_no_retries_are_left(cluster, synthetic_data, tmp_path):
+    work = workdir(tmp_path, synthetic_data)
+    job = two_nodes(cluster, work, "--dist-timeout", str(DIST_TIMEOUT), exports="MAX_FAILURES=0").stdout.strip()
+    log_name = f"cifar100-ddp-{job}.log"
+    wait_for_text(log_name, work, "\nepoch 0 |")
+    worker_on("node2").kill()
+    assert wait_for(cluster, job, DONE, timeout=120) == "FAILED"
+    log = (work / log_name).read_text()
+    exited = re.search(r"trainer exited (\d+)", log)
+    assert exited and exited.group(1) != "0" and "(MAX_FAILURES=0), not requeueing" in log, log[-3000:]
+    acct = run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State,ExitCode"], env=cluster, check=True).stdout
+    assert acct.split() == [f"FAILED|{exited.group(1)}:0"]
