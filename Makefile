@@ -76,5 +76,5 @@ clean: ## remove caches and temporary files (keeps .venv, data, runs and the MLf
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
-clean-all: clean ## also remove .venv, data/, runs/, slurm-logs/ and the MLflow stores
-	rm -rf $(VENV) data runs mlruns mlflow.db mlflow-server slurm-logs
+clean-all: clean ## also remove .venv, data/, runs/, slurm-logs/, .slurm-failures/ and the MLflow stores
+	rm -rf $(VENV) data runs mlruns mlflow.db mlflow-server slurm-logs .slurm-failures
