@@ -62,13 +62,27 @@ def wait_for(cluster, job, states, timeout=300):
     return s
 
 
+_released = set()
+
+
+def release(cluster, job):
+    """End the ~120 s hold (BeginTime) Slurm puts on a requeued job, once per requeue — a few seconds ahead, not
+    now: a job started again within the second its previous attempt's credential was revoked is killed ("Job
+    credential revoked") and ends FAILED without running."""
+    record = run(["scontrol", "show", "job", job, "-o"], env=cluster).stdout
+    restarts = re.search(r"Restarts=(\d+)", record)
+    if "JobState=PENDING" in record and restarts and (job, restarts.group(1)) not in _released:
+        run(["scontrol", "update", f"jobid={job}", "starttime=now+3"], env=cluster, check=True)
+        _released.add((job, restarts.group(1)))
+
+
 def finish_requeued(cluster, job, timeout=300):
-    """Follow a requeued job to its end. Slurm may hold it ~120 s (BeginTime): release it whenever it pends."""
+    """Follow a requeued job to its end, releasing it whenever it pends."""
     deadline = time.monotonic() + timeout
     while (s := state(cluster, job)) not in DONE:
         assert time.monotonic() < deadline, f"job {job} still {s} after {timeout}s"
         if s == "PENDING":
-            run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster)
+            release(cluster, job)
         time.sleep(1)
     return s
 

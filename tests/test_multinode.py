@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from conftest import error_lines, run
-from slurmtools import (DONE, EPOCH_LINE, SBATCH, finish_requeued, job_env, only_run, sbatch, slurm_cluster,
-                        wait_for, wait_for_text, workdir)
+from slurmtools import (CLUSTER, DONE, EPOCH_LINE, SBATCH, finish_requeued, job_env, only_run, release, sbatch,
+                        slurm_cluster, state, wait_for, wait_for_text, workdir)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and Slurm need root (CI runs as root)")
 
@@ -28,13 +28,14 @@ NODE_ADDR = {"node1": "10.123.0.11", "node2": "10.123.0.12"}
 def leftovers() -> list:
     """What a stopped two-node cluster must not leave behind."""
     found = [ns.split()[0] for ns in run(["ip", "netns", "list"]).stdout.splitlines() if ns.startswith("slurmtest-")]
-    found += ["bridge slurmtest0"] if run(["ip", "link", "show", "slurmtest0"]).returncode == 0 else []
+    found += re.findall(r"(?:slurmtest0|vt-node\d+)", run(["ip", "-o", "link", "show"]).stdout)
     return found + [p.name() for p in psutil.process_iter() if p.name() in ("slurmd", "slurmctld", "slurmdbd")]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with slurm_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2) as env:
+    # SlurmdTimeout 20 s: a silent node is declared DOWN in about half a minute (Slurm's default is 300 s)
+    with slurm_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2, env={"SLURM_TEST_SLURMD_TIMEOUT": "20"}) as env:
         yield env
     assert not leftovers(), f"stopping the cluster left {leftovers()}"
 
@@ -168,46 +169,83 @@ def worker_on(node: str):
     raise AssertionError(f"no ddp_train worker in {node}'s namespace")
 
 
-def test_cut_link_fails_within_dist_timeout_and_requeued_job_resumes(cluster, jobs, synthetic_data, tmp_path):
-    """node2's link goes down mid-epoch: rank 0 fails at its collective timeout (not the 10-minute default), the
-    attempt ends with the trainer's failure and requeues the job, which resumes from the last checkpoint once node2
-    is back and ends exactly like an uninterrupted run."""
+def node_state(cluster, node):
+    return run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], env=cluster, check=True).stdout.strip()
+
+
+def cluster_cmd(cluster, *args):
+    return run(["bash", CLUSTER, *args[:1], Path(cluster["SLURM_CONF"]).parent, *args[1:]], env=cluster, check=True)
+
+
+def test_node_gone_fails_within_dist_timeout_and_the_job_resumes_when_it_is_back(cluster, jobs, synthetic_data,
+                                                                                tmp_path):
+    """node2 dies mid-epoch (link down, every process on it killed): rank 0 fails at its collective timeout (not
+    the 10-minute default); Slurm declares node2 DOWN (SlurmdTimeout), ends the attempt as NODE_FAIL and requeues
+    the job, which waits for node2; node2 boots again, and the job resumes from the last checkpoint and ends
+    exactly like an uninterrupted run."""
     *_, reference = jobs["two_nodes"]
     work = workdir(tmp_path, synthetic_data)
     job = two_nodes(cluster, work, "--dist-timeout", str(DIST_TIMEOUT)).stdout.strip()
     log_name = f"cifar100-ddp-{job}.log"
     wait_for_text(log_name, work, "\nepoch 1 |")
     time.sleep(0.5)
-    run(["ip", "link", "set", "vt-node2", "down"], check=True)
+    cluster_cmd(cluster, "crash", 2)
     try:
         wait_for_text(log_name, work, "lost its peers", timeout=120)
+        deadline = time.monotonic() + 180
+        while not (node_state(cluster, "node2").startswith("down") and state(cluster, job) == "PENDING"):
+            assert time.monotonic() < deadline, f"node2 {node_state(cluster, 'node2')}, job {state(cluster, job)}"
+            time.sleep(1)
+        # lift the hold at once (it cannot start in the second of its credential's revocation: node2 is down)
+        run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=cluster, check=True)
+        for _ in range(30):  # released, it still waits for its node
+            reason = run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=cluster, check=True).stdout.replace("_", " ")
+            assert reason.startswith("PENDING"), reason
+            if "Nodes required for job are DOWN" in reason:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"job {job}: {reason}")
     finally:
-        run(["ip", "link", "set", "vt-node2", "up"], check=True)  # the node is back
+        cluster_cmd(cluster, "boot", 2)  # the node is back
     assert finish_requeued(cluster, job) == "COMPLETED"
+    acct = run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"], env=cluster).stdout.split()
+    assert acct == ["NODE_FAIL", "COMPLETED"]
     log = (work / log_name).read_text()
     first, second = log.split(f"job {job} (restart 1)")
+    assert "not requeueing: Slurm ended this attempt" in first and "warning" not in first
     lost = [line for line in error_lines(first) if "lost its peers" in line]
     assert lost and f"Timed out waiting {DIST_TIMEOUT * 1000}ms" in lost[0] and \
         f"--dist-timeout {DIST_TIMEOUT} s" in lost[0], first[-3000:]
-    failed = re.search(r"trainer failed \(exit (\d+)\), failure 1 of at most 2: requeueing job", first)
-    assert failed and failed.group(1) != "0" and f"trainer exited {failed.group(1)}" in first
     assert "resuming from" in second and "trainer exited 0" in second
     assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(reference)  # each epoch once, same numbers
     r, steps = only_run(work)
     assert r.info.status == "FINISHED"
     assert steps == {"train_loss": list(range(EPOCHS)), "test_top1": list(range(EPOCHS))}
-    assert len((work / ".slurm-failures" / job).read_text().splitlines()) == 1
 
 
-def test_killed_worker_fails_the_job_with_its_status_when_no_retries_are_left(cluster, synthetic_data, tmp_path):
+def test_killed_worker_requeues_until_max_failures_then_the_job_fails_with_its_status(cluster, synthetic_data,
+                                                                                      tmp_path):
+    """A worker dies (Slurm sees nothing wrong): the batch script requeues the job itself, MAX_FAILURES times;
+    the next failure ends the job FAILED with the trainer's exit status."""
     work = workdir(tmp_path, synthetic_data)
-    job = two_nodes(cluster, work, "--dist-timeout", str(DIST_TIMEOUT), exports="MAX_FAILURES=0").stdout.strip()
+    job = two_nodes(cluster, work, exports="MAX_FAILURES=1").stdout.strip()
     log_name = f"cifar100-ddp-{job}.log"
     wait_for_text(log_name, work, "\nepoch 0 |")
     worker_on("node2").kill()
+    wait_for_text(log_name, work, "failure 1 of at most 1: requeueing job")
+    deadline = time.monotonic() + 180
+    while (work / log_name).read_text().count("2 × cpu (gloo)") < 2:  # the second attempt is training
+        assert time.monotonic() < deadline, f"job {job} is {state(cluster, job)}"
+        if state(cluster, job) == "PENDING":
+            release(cluster, job)
+        time.sleep(1)
+    worker_on("node2").kill()
     assert wait_for(cluster, job, DONE, timeout=120) == "FAILED"
     log = (work / log_name).read_text()
-    exited = re.search(r"trainer exited (\d+)", log)
-    assert exited and exited.group(1) != "0" and "(MAX_FAILURES=0), not requeueing" in log, log[-3000:]
-    acct = run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State,ExitCode"], env=cluster, check=True).stdout
-    assert acct.split() == [f"FAILED|{exited.group(1)}:0"]
+    exited = re.findall(r"trainer exited (\d+)", log)
+    assert len(exited) == 2 and "0" not in exited, log[-3000:]
+    assert "trainer failed 2 time(s) (MAX_FAILURES=1), not requeueing" in log
+    acct = run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State,ExitCode"], env=cluster).stdout
+    assert acct.split() == ["REQUEUED|0:0", f"FAILED|{exited[1]}:0"]
+    assert len((work / ".slurm-failures" / job).read_text().splitlines()) == 2

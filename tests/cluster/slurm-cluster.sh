@@ -6,9 +6,11 @@
 # NODES=1 (default): one slurmd on this host. NODES≥2: each node is a slurmd in its own network, UTS and mount
 # namespace (netns slurmtest-nodeN, eth0 = $NET.1N on a bridge $BRIDGE = $NET.1 where slurmctld listens, hostname
 # nodeN, its own /etc/hosts, no default route). They share this machine's CPUs, filesystem and process list.
-# Cut a node's link with `ip link set vt-nodeN down` (host side of its veth).
+#   slurm-cluster.sh crash DIR N        → nodeN dies: its link goes down and every process in it is killed
+#   slurm-cluster.sh boot DIR N         → nodeN is back: link up, slurmd started (it rejoins by ReturnToService=2)
+# (A link flap alone: `ip link set vt-nodeN down|up`, the host side of its veth.)
 set -euo pipefail
-usage="usage: slurm-cluster.sh start DIR [NODES] | stop DIR"
+usage="usage: slurm-cluster.sh start DIR [NODES] | stop DIR | crash DIR N | boot DIR N"
 cmd=${1:?$usage}
 dir=$(realpath -m "${2:?$usage}")
 NODES=${3:-1}
@@ -49,9 +51,19 @@ start_network() {
 }
 
 stop_network() {
+  local pids
   for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^slurmtest-node/ {print $1}'); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns del "$ns"
+    for _ in $(seq 50); do  # until nothing is left in it: a job may still be forking when this starts
+      pids=$(ip netns pids "$ns" 2>/dev/null || true)
+      [ -z "$pids" ] && break
+      kill -9 $pids 2>/dev/null || true
+      sleep 0.1
+    done
+    ip netns del "$ns" || true
+  done
+  # the host ends of the veths: deleting one removes the pair even if something still holds its namespace
+  for link in $(ip -o link show 2>/dev/null | grep -o 'vt-node[0-9]*' | sort -u || true); do
+    ip link del "$link" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
   if [ -f "$dir/run/iptables-rule" ]; then
@@ -182,7 +194,7 @@ stop() {
   db=$(cat "$dir/run/mariadb-dir" 2>/dev/null || true)
   [ -n "$db" ] && [ -f "$db/mariadbd.pid" ] && cp "$db/mariadbd.pid" "$dir/run/mariadbd.pid"
   local daemons
-  daemons="$(cd "$dir/run" 2>/dev/null && ls slurmd*.pid 2>/dev/null | sed 's/\.pid$//') slurmctld slurmdbd mariadbd"
+  daemons="$(cd "$dir/run" 2>/dev/null && ls slurmd*.pid 2>/dev/null | sed 's/\.pid$//' || true) slurmctld slurmdbd mariadbd"
   for d in $daemons; do
     [ -f "$dir/run/$d.pid" ] && kill "$(cat "$dir/run/$d.pid" 2>/dev/null)" 2>/dev/null || true
   done
@@ -199,4 +211,17 @@ stop() {
   echo "slurm-cluster: stopped"
 }
 
-"$cmd"
+crash() {
+  ip link set "vt-node$NODES" down
+  ip netns pids "slurmtest-node$NODES" | xargs -r kill -9
+}
+
+boot() {
+  ip link set "vt-node$NODES" up
+  start_node "$NODES"
+}
+
+case "$cmd" in
+  start|stop|crash|boot) "$cmd" ;;
+  *) echo "$usage" >&2; exit 2 ;;
+esac
