@@ -24,6 +24,12 @@ class Dist:
         return self.world_size > 1
 
 
+# Rank 0 alone may spend long on I/O (MLflow start, model export and upload) while the others wait; that wait must
+# not trip a --dist-timeout chosen to detect a dead node within seconds.
+MASTER_IO_TIMEOUT_S = 1800
+_io_group = None
+
+
 def from_env() -> Dist:
     """Ranks as torchrun (or srun with RANK/WORLD_SIZE exported) sets them; a single process otherwise."""
     rank = int(os.environ.get("RANK", 0))
@@ -63,6 +69,9 @@ def init(d: Dist, timeout_s: int) -> None:
         backend = "nccl" if d.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=d.device if d.device.type == "cuda" else None)
+        global _io_group  # every rank creates it, in the same order: new_group is collective
+        _io_group = dist.new_group(backend="gloo",
+                                   timeout=datetime.timedelta(seconds=max(timeout_s, MASTER_IO_TIMEOUT_S)))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -84,15 +93,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-# Rank 0 alone may spend long on I/O (MLflow start, model export and upload) while the others wait; that wait must
-# not trip a --dist-timeout chosen to detect a dead node within seconds.
-MASTER_IO_TIMEOUT_S = 1800
-
-
-def wait_for_master(timeout_s: int) -> None:
-    """Barrier for the ranks that wait while rank 0 does I/O, with its own (long) timeout."""
+def wait_for_master() -> None:
+    """Barrier for the ranks that wait while rank 0 does I/O, on a group whose timeout is MASTER_IO_TIMEOUT_S
+    (a group's timeout binds every rank; a barrier's own timeout argument would bind rank 0 only)."""
     if dist.is_initialized():
-        dist.monitored_barrier(control_group(), timeout=datetime.timedelta(seconds=max(timeout_s, MASTER_IO_TIMEOUT_S)))
+        dist.barrier(group=_io_group)
 
 
 class PeerLost(Exception):

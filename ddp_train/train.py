@@ -185,7 +185,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
     tracker.start(run_name, cfg.to_dict(), {**environment_tags(d.world_size, device, manifest_sha, manifest),
                                             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
                   resume_run_id=state.get("mlflow_run_id") if state else None)
-    dist.wait_for_master(cfg.dist_timeout)
+    dist.wait_for_master()
     run_id, uri = dist.broadcast_object((tracker.run_id, tracker.uri))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
     sysmetrics = tracking.SystemMetrics(run_id if cfg.mlflow and cfg.system_metrics and d.local_rank == 0 else None,
@@ -321,7 +321,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
         tracker.finish("FINISHED")
         if tracker.errors:
             log(f"warning: {tracker.errors} MLflow call(s) failed; see the warnings above")
-    dist.wait_for_master(cfg.dist_timeout)
+    dist.wait_for_master()
     return metrics
 
 

@@ -54,3 +54,10 @@ def test_an_unresolvable_rendezvous_address_fails_at_once_in_one_line(synthetic_
     assert p.returncode == 1
     [line] = error_lines(p.stderr)
     assert "MASTER_ADDR 'no-such-node.invalid' does not resolve" in line
+
+
+def test_ranks_waiting_on_rank_0_io_outlast_a_short_dist_timeout():
+    """--dist-timeout is for dead peers: rank 0's long I/O (MLflow, model export) must not trip it."""
+    p = torchrun(2, HELPERS / "slow_master.py", timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert sorted(line for line in p.stdout.splitlines() if "waited" in line) == ["rank 0 waited", "rank 1 waited"]

@@ -212,8 +212,16 @@ stop() {
 }
 
 crash() {
+  local pids
   ip link set "vt-node$NODES" down
-  ip netns pids "slurmtest-node$NODES" | xargs -r kill -9
+  for _ in $(seq 50); do  # until nothing is left: processes may fork while they are being killed
+    pids=$(ip netns pids "slurmtest-node$NODES" 2>/dev/null || true)
+    [ -z "$pids" ] && return 0
+    kill -9 $pids 2>/dev/null || true
+    sleep 0.1
+  done
+  echo "slurm-cluster: processes survive in node$NODES" >&2
+  return 1
 }
 
 boot() {
