@@ -21,6 +21,10 @@ def git_state() -> dict:
         return {}
 
 
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 class Tracker:
     """One MLflow run for the job, written through MlflowClient. `enabled=False` (other ranks, --no-mlflow) makes
     every method a no-op.
@@ -62,14 +66,14 @@ class Tracker:
         try:
             return fn()
         except Exception as e:  # tracking must never stop training
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            reason = _reason(e)
             if self.remote and self.fallback is None and self._fall_back(reason):
                 if journaled:
                     return None
                 try:
                     return fn()
                 except Exception as e2:
-                    reason = f"{type(e2).__name__}: {str(e2).splitlines()[0][:200] if str(e2) else ''}"
+                    reason = _reason(e2)
             self.errors += 1
             self.log(f"warning: MLflow {what} failed ({reason}); training continues")
             return None
@@ -248,9 +252,10 @@ class StepLogger:
         self.every = every
         self.pending = None
 
-    def step(self, global_step: int, loss, lr: float) -> None:
+    def step(self, global_step: int, loss, scheduler) -> None:
         if not self.every or global_step % self.every or not self.tracker.run_id:
             return
+        lr = scheduler.get_last_lr()[0]  # read here: most steps log nothing
         self.flush()
         event = None
         host = loss.detach().to("cpu", non_blocking=True)

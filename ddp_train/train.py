@@ -23,10 +23,9 @@ from data_prep.cifar import DataError
 
 from . import checkpoint
 from . import config as config_lib
-from . import data, dist, report
+from . import data, dist, report, tracking
 from .config import Config, ConfigError
 from .models import build_model
-from . import tracking
 from .tracking import Tracker, environment_tags
 
 # Exit status of a job that stopped on SIGUSR2/SIGTERM after checkpointing: not done, resume it.
@@ -254,7 +253,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 # no host→device tensor per step (it would wait for the GPU): n is added as a scalar argument
                 sums[:2] += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()])
                 sums[2] += n
-                step_logger.step(epoch * steps + i + 1, loss, scheduler.get_last_lr()[0])
+                step_logger.step(epoch * steps + i + 1, loss, scheduler)
                 if stopper.poll():
                     stopped_at = i + 1
                     break

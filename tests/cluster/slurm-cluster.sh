@@ -50,15 +50,22 @@ start_network() {
   fi
 }
 
-stop_network() {
+# Kill every process in a node's namespace until none is left: a job may still be forking meanwhile.
+kill_all_in() {
   local pids
+  for _ in $(seq 50); do
+    pids=$(ip netns pids "$1" 2>/dev/null || true)
+    [ -z "$pids" ] && return 0
+    kill -9 $pids 2>/dev/null || true
+    sleep 0.1
+  done
+  echo "slurm-cluster: processes survive in $1" >&2
+  return 1
+}
+
+stop_network() {
   for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^slurmtest-node/ {print $1}'); do
-    for _ in $(seq 50); do  # until nothing is left in it: a job may still be forking when this starts
-      pids=$(ip netns pids "$ns" 2>/dev/null || true)
-      [ -z "$pids" ] && break
-      kill -9 $pids 2>/dev/null || true
-      sleep 0.1
-    done
+    kill_all_in "$ns" || true
     ip netns del "$ns" || true
   done
   # the host ends of the veths: deleting one removes the pair even if something still holds its namespace
@@ -212,16 +219,8 @@ stop() {
 }
 
 crash() {
-  local pids
   ip link set "vt-node$NODES" down
-  for _ in $(seq 50); do  # until nothing is left: processes may fork while they are being killed
-    pids=$(ip netns pids "slurmtest-node$NODES" 2>/dev/null || true)
-    [ -z "$pids" ] && return 0
-    kill -9 $pids 2>/dev/null || true
-    sleep 0.1
-  done
-  echo "slurm-cluster: processes survive in node$NODES" >&2
-  return 1
+  kill_all_in "slurmtest-node$NODES"
 }
 
 boot() {
