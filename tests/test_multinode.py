@@ -245,7 +245,12 @@ def test_killed_worker_requeues_until_max_failures_then_the_job_fails_with_its_s
     log = (work / log_name).read_text()
     exited = re.findall(r"trainer exited (\d+)", log)
     assert len(exited) == 2 and "0" not in exited, log[-3000:]
-    assert "trainer failed 2 time(s) (MAX_FAILURES=1), not requeueing" in log
+    given_up = re.search(r"trainer failed 2 time\(s\) \(MAX_FAILURES=1\), not requeueing; see (\S+)", log)
+    assert given_up, log[-3000:]
     acct = run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State,ExitCode"], env=cluster).stdout
     assert acct.split() == ["REQUEUED|0:0", f"FAILED|{exited[1]}:0"]
-    assert len((work / ".slurm-failures" / job).read_text().splitlines()) == 2
+    # the history is kept under a dated name; a later job reusing this id would count from zero
+    assert not (work / ".slurm-failures" / job).exists()
+    history = work / given_up.group(1)
+    assert history.parent == work / ".slurm-failures" and history.name.startswith(f"{job}.")
+    assert len(history.read_text().splitlines()) == 2
