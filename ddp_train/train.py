@@ -3,8 +3,9 @@
     torchrun --standalone --nproc_per_node=N -m ddp_train [flags]     (or python -m ddp_train for one process)
 
 On one NVIDIA H200 the default recipe (ResNet-18, bf16, channels_last, batch 512) trains at ~57,000 images/s, an
-epoch of 50,000 images with its evaluation in ~0.9 s, so its 40 epochs in under a minute (docs/performance.md);
-its accuracy on CIFAR-100 is not measured yet. On 2 CPU cores, `make train`'s demo takes ~30 s for 4 epochs.
+epoch of 50,000 images with its evaluation in ~0.9 s: 40 epochs in ~40 s, estimated from those epoch times
+(docs/performance.md); its accuracy on CIFAR-100 is not measured yet. On 2 CPU cores, `make train`'s demo takes
+~30 s for 4 epochs.
 """
 import contextlib
 import copy
