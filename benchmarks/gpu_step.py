@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_step.py [--model resnet18] [--batch 512] [--steps 30] [--repeats 5] [--json out.json]
 
-Times what the trainer runs per step — `data.normalize` → `data.augment` → `train.train_step` (forward, loss,
-backward, SGD step) — on uint8 batches already on the GPU: the model's ceiling, without the loader. For each
+Times what the trainer runs per step — `train.prepare_batch` (normalise, augment) → `train.train_step` (forward,
+loss, backward, SGD step) — on uint8 batches already on the GPU: the model's ceiling, without the loader. For each
 variant: warm-up (compilation included, and reported), then `--repeats` windows of `--steps` steps timed with CUDA
 events; the median window is reported. FLOPs per step are counted once with torch.utils.flop_counter (convolutions
 and matmuls, forward and backward). MFU is the achieved rate over the dense bf16 rate this script measures on the
@@ -12,6 +12,7 @@ same peak. One variant wraps the model in DDP over a one-rank NCCL group, to sho
 On a machine without CUDA it runs a tiny smoke version on the CPU (numbers meaningless).
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,10 +25,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp_train import data  # noqa: E402
 from ddp_train.config import Config  # noqa: E402
 from ddp_train.models import build_model  # noqa: E402
-from ddp_train.train import make_optimizer, resolve_amp, train_step  # noqa: E402
+from ddp_train.train import make_optimizer, prepare_batch, resolve_amp, train_step, wrap_model  # noqa: E402
 
 VARIANTS = [  # name, --amp, channels_last, compile, DDP over a one-rank NCCL group
     ("fp32/tf32 NCHW", "off", False, False, False),
@@ -59,9 +59,7 @@ def setup(cfg: Config, device, amp: str, channels_last: bool, compile_: bool, dd
     torch.manual_seed(0)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg.model, 100, cfg.width, cfg.norm).to(device, memory_format=mem)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device]) if ddp else model
-    if compile_:
-        net = torch.compile(net)
+    net = wrap_model(model, dataclasses.replace(cfg, compile=compile_), device, distributed=ddp)
     amp_dtype, use_scaler = resolve_amp(amp, device)
     return (net, make_optimizer(cfg, model), torch.amp.GradScaler(device.type, enabled=use_scaler),
             nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), amp_dtype, mem)
@@ -73,8 +71,7 @@ def step_fn(cfg, device, gen, batches, amp, channels_last, compile_, ddp):
 
     def step(i):
         images, labels = batches[i % len(batches)]
-        x = data.augment(data.normalize(images), gen, cfg.translate, cfg.cutout).contiguous(memory_format=mem)
-        return train_step(net, x, labels, opt, scaler, crit, amp_dtype, device)
+        return train_step(net, prepare_batch(images, cfg, gen, mem), labels, opt, scaler, crit, amp_dtype, device)
     return step
 
 

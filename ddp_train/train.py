@@ -69,6 +69,20 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
+def wrap_model(model: nn.Module, cfg: Config, device: torch.device, distributed: bool) -> nn.Module:
+    """DDP across the ranks (when there are several), then torch.compile if asked."""
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if distributed else model
+    return torch.compile(net) if cfg.compile else net
+
+
+def prepare_batch(images: torch.Tensor, cfg: Config, gen: torch.Generator, mem) -> torch.Tensor:
+    """A uint8 training batch → the model's input: normalised, augmented (if on), in memory format `mem`."""
+    x = data.normalize(images)
+    if cfg.augment:
+        x = data.augment(x, gen, cfg.translate, cfg.cutout)
+    return x.contiguous(memory_format=mem)
+
+
 def train_step(model, images, labels, optimizer, scaler, criterion, amp_dtype, device):
     """One optimizer step on this rank's batch (DDP averages the gradients). Returns (loss, logits) detached."""
     with autocast(device, amp_dtype):
@@ -181,9 +195,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
                 torch.cuda.set_rng_state(mine["cuda_rng"], device)
         log(f"resuming from {path}: epoch {start_epoch}, step {start_step} of {steps}")
 
-    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if d.distributed else model
-    if cfg.compile:
-        net = torch.compile(net)
+    net = wrap_model(model, cfg, device, d.distributed)
 
     tracker = Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment, fallback_dir=run_dir, log=log)
     tracker.start(run_name, cfg.to_dict(), {**environment_tags(d.world_size, device, manifest_sha, manifest),
@@ -248,10 +260,7 @@ def run(cfg: Config, d: dist.Dist, manifest: dict) -> dict:
             for i, (images, labels) in enumerate(batches):
                 if i < skip:
                     continue
-                x = data.normalize(images)
-                if cfg.augment:
-                    x = data.augment(x, gen, cfg.translate, cfg.cutout)
-                x = x.contiguous(memory_format=mem)
+                x = prepare_batch(images, cfg, gen, mem)
                 loss, logits = train_step(net, x, labels, optimizer, scaler, criterion, amp_dtype, device)
                 scheduler.step()
                 n = labels.shape[0]

@@ -218,14 +218,16 @@ stop() {
   echo "slurm-cluster: stopped"
 }
 
-crash() {
-  ip link set "vt-node$NODES" down
-  kill_all_in "slurmtest-node$NODES"
+crash() {  # crash DIR N: the third argument names the node here, not a count
+  local n=$NODES
+  ip link set "vt-node$n" down
+  kill_all_in "slurmtest-node$n"
 }
 
 boot() {
-  ip link set "vt-node$NODES" up
-  start_node "$NODES"
+  local n=$NODES
+  ip link set "vt-node$n" up
+  start_node "$n"
 }
 
 case "$cmd" in
