@@ -47,7 +47,7 @@ class Config:
     translate: int = knob(2, "random translation of up to this many pixels (0: off)")
     cutout: int = knob(4, "side of the cutout square in pixels (0: off)")
     # precision and speed
-    amp: str = knob("auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler; "
+    amp: str = knob("auto", "mixed precision: auto = bf16 on Ampere and newer GPUs, else fp16 with GradScaler; "
                             "off on CPU", ["auto", "bf16", "fp16", "off"])
     channels_last: bool = knob(True, "channels_last memory format for model and inputs")
     compile: bool = knob(False, "torch.compile the model")

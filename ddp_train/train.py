@@ -37,12 +37,18 @@ from .tracking import Tracker, environment_tags
 EXIT_REQUEUE = 3
 
 
+def auto_amp(capability: tuple) -> str:
+    """bf16 where the GPU computes it natively (compute capability 8.0, Ampere, and newer), else fp16.
+    (torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, and slow: V100, T4.)"""
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
 def resolve_amp(amp: str, device: torch.device):
     """→ (autocast dtype or None, whether fp16 needs a GradScaler)."""
     if amp == "auto":
         if device.type != "cuda":
             return None, False
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        amp = auto_amp(torch.cuda.get_device_capability(device))
     if amp == "off":
         return None, False
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16

@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from conftest import TORCHRUN, error_lines, run
 from data_prep.manifest import manifest_checksum
@@ -219,3 +220,12 @@ def test_check_validates_config_and_data_for_the_world_size_without_training(syn
                                       "no-data": f"error: no prepared data in {tmp_path}/ (no manifest.json); run "
                                                  f"`make prep-data` or `python -m data_prep --out {tmp_path} "
                                                  "--source …`"}[case]]
+
+
+def test_amp_auto_picks_bf16_only_where_gpus_compute_it_natively():
+    from ddp_train.train import auto_amp, resolve_amp
+    assert [auto_amp(c) for c in [(6, 1), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (10, 0)]] == \
+        ["fp16", "fp16", "fp16", "bf16", "bf16", "bf16", "bf16"]  # P100/V100/T4 emulate bf16: fp16 + GradScaler
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) == (None, False)
+    assert resolve_amp("fp16", cpu) == (torch.float16, True) and resolve_amp("bf16", cpu) == (torch.bfloat16, False)
