@@ -214,6 +214,7 @@ def test_node_gone_fails_within_dist_timeout_and_the_job_resumes_when_it_is_back
     log = (work / log_name).read_text()
     first, second = log.split(f"job {job} (restart 1)")
     assert "not requeueing: Slurm is already ending this attempt" in first and "warning" not in first
+    assert re.search(r"trainer exited [1-9]", first), first[-3000:]  # the failed attempt's status, not 0
     lost = [line for line in error_lines(first) if "lost its peers" in line]
     assert lost and f"Timed out waiting {DIST_TIMEOUT * 1000}ms" in lost[0] and \
         f"--dist-timeout {DIST_TIMEOUT} s" in lost[0], first[-3000:]
