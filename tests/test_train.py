@@ -112,10 +112,18 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     assert not list((work / "runs" / "e2e").glob(".*tmp*"))
 
 
+def same_weights(a, b) -> bool:
+    """Two saved final models hold bit-identical tensors."""
+    sa, sb = (torch.load(p, weights_only=False)["model"] for p in (a, b))
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_same_seed_and_world_size_give_the_same_run(trained, synthetic_data, tmp_path):
-    _, _, first = trained
+    work, _, first = trained
     again = run(train_cmd(2, synthetic_data, "--no-mlflow"), cwd=tmp_path, check=True)
     assert EPOCH_LINE.findall(again.stdout) == EPOCH_LINE.findall(first.stdout)
+    [model] = (tmp_path / "runs").glob("*/model.pt")
+    assert same_weights(model, work / "runs" / "e2e" / "model.pt")
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -178,7 +186,7 @@ def test_a_signalled_run_checkpoints_resumes_and_ends_like_an_uninterrupted_one(
                                                                                  mlflow_env):
     """SIGUSR2 to torchrun (as Slurm's --signal does) → the ranks agree at a step boundary mid-epoch, rank 0
     checkpoints, the job exits; the same command resumes. On CPU the result is bit-identical."""
-    _, _, uninterrupted = trained
+    trained_work, _, uninterrupted = trained
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--signals-to-handle",
            "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir", synthetic_data, *RECIPE,
            "--run-name", "r"]
@@ -197,6 +205,7 @@ def test_a_signalled_run_checkpoints_resumes_and_ends_like_an_uninterrupted_one(
     second = run(cmd, cwd=tmp_path, env=mlflow_env, check=True).stdout
     assert "resuming from" in second and "(continued)" in second
     assert EPOCH_LINE.findall(first + second) == EPOCH_LINE.findall(uninterrupted.stdout)
+    assert same_weights(tmp_path / "runs" / "r" / "model.pt", trained_work / "runs" / "e2e" / "model.pt")
     c = client(mlflow_env)
     [r] = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
     assert r.info.status == "FINISHED"
