@@ -104,10 +104,16 @@ class PeerLost(Exception):
     """A collective failed: another rank died, its node or link went away, or it timed out."""
 
 
+# What gloo and NCCL say when a peer is gone, lower-cased. gloo words it by where it notices: "Timed out waiting
+# 15000ms for recv operation" in a collective, "Application timeout caused pair closure" in DDP's buffer broadcast.
+COMM_FAILURE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout",
+                      "pair closure")
+
+
 def is_comm_failure(e: BaseException) -> bool:
-    text = str(e)
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
-        s in text for s in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out")))
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and
+                                             any(w in text for w in COMM_FAILURE_WORDS))
 
 
 def cleanup() -> None:

@@ -62,3 +62,13 @@ def test_ranks_waiting_on_rank_0_io_outlast_a_short_dist_timeout():
     p = torchrun(2, HELPERS / "slow_master.py", timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert sorted(re.findall(r"rank \d waited", p.stdout)) == ["rank 0 waited", "rank 1 waited"]  # lines may interleave
+
+
+def test_peer_loss_is_recognised_in_each_wording_gloo_uses():
+    """Seen on the two-node cluster: where the timeout strikes decides gloo's words (a crashed node2 mid-epoch)."""
+    from ddp_train.dist import is_comm_failure
+    for seen in ["[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv "
+                 "operation to complete", "Application timeout caused pair closure",
+                 "Connection closed by peer [10.123.0.12]:22941"]:
+        assert is_comm_failure(RuntimeError(seen)), seen
+    assert not is_comm_failure(RuntimeError("CUDA out of memory")) and not is_comm_failure(ValueError("gloo"))

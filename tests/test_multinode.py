@@ -216,8 +216,9 @@ def test_node_gone_fails_within_dist_timeout_and_the_job_resumes_when_it_is_back
     assert "not requeueing: Slurm is already ending this attempt" in first and "warning" not in first
     assert re.search(r"trainer exited [1-9]", first), first[-3000:]  # the failed attempt's status, not 0
     lost = [line for line in error_lines(first) if "lost its peers" in line]
-    assert lost and f"Timed out waiting {DIST_TIMEOUT * 1000}ms" in lost[0] and \
-        f"--dist-timeout {DIST_TIMEOUT} s" in lost[0], first[-3000:]
+    # gloo's timeout, in the words of where it struck: a collective, or DDP's buffer broadcast in the forward pass
+    assert lost and re.search(rf"Timed out waiting {DIST_TIMEOUT * 1000}ms|Application timeout caused pair closure",
+                              lost[0]) and f"--dist-timeout {DIST_TIMEOUT} s" in lost[0], first[-3000:]
     assert "resuming from" in second and "trainer exited 0" in second
     assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(reference)  # each epoch once, same numbers
     r, steps = only_run(work)
