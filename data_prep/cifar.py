@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddp_train.errors import JobError
+
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -36,7 +38,7 @@ FINE_TO_COARSE = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 
                   5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]
 
 
-class DataError(Exception):
+class DataError(JobError):
     """Bad input data or source: the message is one line that names the problem and the fix."""
 
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(Exception):
-    """A bad configuration value: the message is one line naming the problem and the fix."""
+from .errors import ConfigError  # noqa: F401  (re-exported: config errors are raised here)
 
 
 def knob(default, help, choices=None):

@@ -1,0 +1,26 @@
+"""The one error type of the project: a fault a person can act on, with its exit status.
+
+Every CLI (data prep, trainer, launchers) catches `JobError`, prints `error: <message>` as one line on stderr and
+exits with `exit_code`. The message names the problem and the fix; anything else is a bug and keeps its traceback.
+"""
+import sys
+
+EXIT_FAILED = 1   # a fault during the run (data, peers, disk, non-finite loss)
+EXIT_USAGE = 2    # bad input caught before anything ran (flags, config file, run directory conflicts)
+EXIT_REQUEUE = 3  # stopped on SIGUSR2/SIGTERM after checkpointing: not done, resume it
+
+
+class JobError(Exception):
+    """A fault with a one-line message that names the problem and the fix."""
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(JobError):
+    """A bad configuration value or combination."""
+    exit_code = EXIT_USAGE
+
+
+def report(e: JobError, file=None) -> int:
+    """Print the error as one line and return its exit status."""
+    print(f"error: {' '.join(str(e).split())}", file=file or sys.stderr, flush=True)
+    return e.exit_code
