@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_step.py [--model resnet18] [--batch 512] [--steps 30] [--repeats 5] [--json out.json]
 
-Times what the trainer runs per step — `train.prepare_batch` (normalise, augment) → `train.train_step` (forward,
+Times what the trainer runs per step — `step.prepare_batch` (normalise, augment) → `step.train_step` (forward,
 loss, backward, SGD step) — on uint8 batches already on the GPU: the model's ceiling, without the loader. For each
 variant: warm-up (compilation included, and reported), then `--repeats` windows of `--steps` steps timed with CUDA
 events; the median window is reported. FLOPs per step are counted once with torch.utils.flop_counter (convolutions
@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp_train.config import Config  # noqa: E402
 from ddp_train.models import build_model  # noqa: E402
-from ddp_train.train import make_optimizer, prepare_batch, resolve_amp, train_step, wrap_model  # noqa: E402
+from ddp_train.step import make_optimizer, prepare_batch, resolve_amp, train_step, wrap_model  # noqa: E402
 
 VARIANTS = [  # name, --amp, channels_last, compile, DDP over a one-rank NCCL group
     ("fp32/tf32 NCHW", "off", False, False, False),

@@ -1,5 +1,12 @@
-"""Checkpoints of a run directory: rank 0 saves atomically (temp file, fsync, rename), the last K are kept, and
-loading falls back to the previous valid one when the newest is truncated or belongs to another run."""
+"""Checkpoints of a run: when to save, what every rank contributes, atomic writes by rank 0, keep-last-K, and the
+choice of the checkpoint a job continues from.
+
+A checkpoint holds the model, optimizer, schedule and grad scaler, the epoch in progress and the optimizer steps
+done in it, every rank's RNG and partial-epoch sums, the metrics history, the (redacted) config, the dataset
+manifest's sha256 and the MLflow run id. Loading falls back past a truncated checkpoint or one of another config or
+dataset to the previous fitting one; when checkpoints exist and none fits, the job stops — it never starts over on
+top of another run's files.
+"""
 import re
 from pathlib import Path
 
@@ -7,12 +14,17 @@ import torch
 
 from data_prep.manifest import atomic_file
 
+from . import dist
+from .config import Config, resume_difference
+from .errors import JobError
+from .rundir import RunConflict
+
 VERSION = 1
 PATTERN = re.compile(r"^ckpt_e(\d{4})_s(\d{6})\.pt$")
-# Fields that may change between a run and its resumption; every other field must match.
-MUTABLE = {"data_dir", "num_workers", "eval_batch_size", "compile", "progress", "out_dir", "dist_timeout",
-           "mlflow", "tracking_uri", "experiment", "ckpt_every", "keep_ckpts", "resume", "tta_thresholds",
-           "register_model", "system_metrics", "system_metrics_interval", "log_every_steps"}
+
+
+class CheckpointError(JobError):
+    """A checkpoint could not be written (disk full, permissions)."""
 
 
 def path_for(ckpt_dir: Path, epoch: int, step: int) -> Path:
@@ -37,31 +49,89 @@ def save(state: dict, path: Path, keep: int) -> None:
 
 
 def problem_with(state: dict, config: dict, manifest_sha: str, world_size: int) -> str:
-    """Why this checkpoint cannot continue this run, or '' when it can."""
+    """Why this checkpoint cannot continue this run, or '' when it can. `config` is the public (redacted) one."""
     if not isinstance(state, dict) or state.get("version") != VERSION:
         return f"format version {state.get('version') if isinstance(state, dict) else '?'} (expected {VERSION})"
     if state["manifest_sha256"] != manifest_sha:
         return "it was trained on another dataset (manifest sha256 differs)"
-    diff = [f"{k} {state['config'].get(k)!r} → {v!r}" for k, v in config.items()
-            if k not in MUTABLE and state["config"].get(k) != v]
-    if diff:
-        return "the config differs: " + ", ".join(diff)
+    why = resume_difference(state["config"], config)
+    if why:
+        return why
     if state["step"] > 0 and state["world_size"] != world_size:
         return f"it stopped mid-epoch with world size {state['world_size']}, this job has {world_size}"
     return ""
 
 
 def load_latest(ckpt_dir: Path, config: dict, manifest_sha: str, world_size: int, log=print):
-    """(path, state) of the newest checkpoint that can continue this run, or (None, None)."""
+    """(path, state, problems): the newest checkpoint that can continue this run, or (None, None, problems) where
+    problems lists why each checkpoint found was passed over."""
+    problems = []
     for path in list_checkpoints(ckpt_dir):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
+            problems.append(f"{path.name} is unreadable ({type(e).__name__})")
             log(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); trying the previous one")
             continue
         why = problem_with(state, config, manifest_sha, world_size)
         if why:
+            problems.append(f"{path.name}: {why}")
             log(f"warning: checkpoint {path} cannot resume this run: {why}; trying the previous one")
             continue
-        return path, state
-    return None, None
+        return path, state, problems
+    return None, None, problems
+
+
+class Checkpointer:
+    """The checkpoints of one run directory, for every rank of the job."""
+
+    def __init__(self, run_dir: Path, run_name: str, cfg: Config, manifest_sha: str, d: dist.Dist):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.run_name = run_name
+        self.cfg = cfg
+        self.public_config = cfg.public_dict()
+        self.manifest_sha = manifest_sha
+        self.d = d
+        self.last = None  # the newest complete checkpoint: named when something goes wrong
+
+    def find(self, log=print):
+        """Rank 0: the checkpoint to continue from, or None for a fresh start; RunConflict when the directory holds
+        checkpoints this run cannot continue (another config or dataset, or --resume never)."""
+        if not list_checkpoints(self.dir):
+            return None
+        if self.cfg.resume == "never":
+            raise RunConflict(f"{self.dir} already holds checkpoints and --resume never would overwrite them; choose "
+                              "a new --run-name, or --resume auto to continue the run")
+        path, _, problems = load_latest(self.dir, self.public_config, self.manifest_sha, self.d.world_size, log)
+        if path is None:
+            raise RunConflict(f"no checkpoint in {self.dir} can continue this run ({problems[0]}); rerun with that "
+                              f"run's config and data to resume it, or choose a new --run-name")
+        self.last = path
+        return path
+
+    def load(self, path) -> dict:
+        """Every rank reads the checkpoint rank 0 chose (the run directory is on a shared filesystem)."""
+        self.last = Path(path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def due(self, epochs_done: int) -> bool:
+        return epochs_done % self.cfg.ckpt_every == 0 or epochs_done == self.cfg.epochs
+
+    def save(self, epoch: int, step: int, state_fn, rank_state: dict) -> Path:
+        """Collective: every rank hands in its own state; rank 0 writes `state_fn()` with all of them. A failed
+        write fails every rank with the same line; the previous checkpoint stays intact."""
+        ranks = dist.gather_objects(rank_state)
+        target = path_for(self.dir, epoch, step)
+
+        def write():
+            try:
+                save({**state_fn(), "epoch": epoch, "step": step, "config": self.public_config,
+                      "manifest_sha256": self.manifest_sha, "world_size": self.d.world_size, "ranks": ranks},
+                     target, self.cfg.keep_ckpts)
+            except OSError as e:
+                previous = f"the previous checkpoint {self.last} is intact; free space and rerun with --run-name " \
+                           f"{self.run_name} to resume from it" if self.last else "there is no earlier checkpoint"
+                raise CheckpointError(f"cannot write checkpoint {target} ({e.strerror or e}); {previous}") from None
+        dist.on_master(write)
+        self.last = target
+        return target

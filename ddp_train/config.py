@@ -4,26 +4,37 @@ Precedence, lowest first: dataclass defaults < --preset < --config file < comman
 """
 import argparse
 import dataclasses
+import math
 import os
+import re
 import sys
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError  # noqa: F401  (re-exported: config errors are raised here)
+from .errors import ConfigError, report
 
 
-def knob(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def knob(default, help, choices=None, resumable=False):
+    """A config field. `resumable`: a resumed run may change it (how the run is executed or observed, not what
+    it computes); every other field must equal the checkpoint's."""
+    return field(default=default, metadata={"help": help, "choices": choices, "resumable": resumable})
 
 
 @dataclass
 class Config:
     # data
-    data_dir: str = knob("data", "directory holding cifar100_{train,test}.beton and manifest.json (make prep-data)")
-    num_workers: int = knob(4, "FFCV loader threads per process")
+    data_dir: str = knob("data", "directory holding cifar100_{train,test}.beton and manifest.json (make prep-data)",
+                         resumable=True)
+    loader: str = knob("auto", "resident: the splits read once into device memory and batched there; ffcv: FFCV "
+                               "loaders; auto: resident on a GPU when the splits fit, else ffcv (the same batches "
+                               "either way)", ["auto", "ffcv", "resident"], resumable=True)
+    num_workers: int = knob(4, "FFCV loader threads per process", resumable=True)
+    verify_data: bool = knob(False, "hash every beton against the manifest at start (by default only files whose "
+                                    "size or mtime changed since prep are hashed)", resumable=True)
     # model
     model: str = knob("resnet18", "architecture", ["resnet18", "seed2018"])
     width: int = knob(64, "base channel width of resnet18 (64 is the standard ResNet-18)")
@@ -48,33 +59,47 @@ class Config:
     amp: str = knob("auto", "mixed precision: auto = bf16 on Ampere and newer GPUs, else fp16 with GradScaler; "
                             "off on CPU", ["auto", "bf16", "fp16", "off"])
     channels_last: bool = knob(True, "channels_last memory format for model and inputs")
-    compile: bool = knob(False, "torch.compile the model")
+    compile: bool = knob(False, "torch.compile the model", resumable=True)
     deterministic: bool = knob(False, "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
-    eval_batch_size: int = knob(1000, "per-rank batch size for evaluation")
+    eval_batch_size: int = knob(1000, "per-rank batch size for evaluation", resumable=True)
     # run
     seed: int = knob(0, "seed for initialisation, data order and augmentation")
-    out_dir: str = knob("runs", "where each run's directory (final model) goes")
-    run_name: str = knob("", "run name and directory under out_dir; rerun with the same name to resume "
-                             "(default: model-width-batch-lr-world, then the Slurm job id or the date)")
+    out_dir: str = knob("runs", "where each run's directory (checkpoints, final model, pictures) goes",
+                        resumable=True)
+    run_name: str = knob("", "run name and directory under out_dir; rerun with the same name to resume (default: "
+                             "model-width-batch-lr-world, then the Slurm job id, or the date and a random suffix)",
+                         resumable=True)
     progress: str = knob("auto", "progress display: a tqdm bar on a TTY, one line per epoch otherwise",
-                         ["auto", "bar", "line"])
-    dist_timeout: int = knob(600, "seconds before a stuck collective fails the job")
+                         ["auto", "bar", "line"], resumable=True)
+    dist_timeout: int = knob(600, "seconds before a stuck collective fails the job", resumable=True)
     # checkpoints and resumption (see ddp_train/checkpoint.py)
-    ckpt_every: int = knob(1, "checkpoint every N epochs (and at the end, and when SIGUSR2/SIGTERM asks to stop)")
-    keep_ckpts: int = knob(3, "checkpoints kept in <run dir>/checkpoints")
-    resume: str = knob("auto", "auto: continue from the newest valid checkpoint of the run directory; never")
+    ckpt_every: int = knob(1, "checkpoint every N epochs (and at the end, and when SIGUSR2/SIGTERM asks to stop)",
+                           resumable=True)
+    keep_ckpts: int = knob(3, "checkpoints kept in <run dir>/checkpoints", resumable=True)
+    resume: str = knob("auto", "auto: continue from the newest checkpoint of the run directory that fits this "
+                               "config; never: start afresh (refused where the run directory already holds one)",
+                       ["auto", "never"], resumable=True)
     # tracking
-    system_metrics: bool = knob(True, "log CPU, memory and GPU metrics to the run (each node's first process)")
-    system_metrics_interval: float = knob(10.0, "seconds between system metric samples")
-    log_every_steps: int = knob(0, "also log train loss and lr every N optimizer steps, asynchronously (0: off)")
+    system_metrics: bool = knob(True, "log CPU, memory and GPU metrics to the run (each node's first process)",
+                                resumable=True)
+    system_metrics_interval: float = knob(10.0, "seconds between system metric samples", resumable=True)
+    log_every_steps: int = knob(0, "also log train loss and lr every N optimizer steps, asynchronously (0: off)",
+                                resumable=True)
     tta_thresholds: str = knob("50,60,70", "time to accuracy: seconds of training until test top-1 first reaches "
-                                           "each of these percentages (comma-separated; empty: none)")
-    register_model: str = knob("", "also register the final model under this name in the MLflow model registry")
-    mlflow: bool = knob(True, "track the run in MLflow (rank 0 only)")
-    tracking_uri: str = knob("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    experiment: str = knob("", "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cifar100-ddp)")
+                                           "each of these percentages (comma-separated; empty: none)",
+                               resumable=True)
+    register_model: str = knob("", "also register the final model under this name in the MLflow model registry",
+                               resumable=True)
+    mlflow: bool = knob(True, "track the run in MLflow (rank 0 only)", resumable=True)
+    tracking_uri: str = knob("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+                             resumable=True)
+    experiment: str = knob("", "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else cifar100-ddp)",
+                           resumable=True)
 
     def validate(self, world_size: int = 1) -> None:
+        for f in dataclasses.fields(self):
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"--{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
         positive = ["epochs", "batch_size", "lr", "width", "eval_batch_size", "num_workers", "dist_timeout",
                     "ckpt_every", "keep_ckpts", "system_metrics_interval"]
         for name in positive:
@@ -89,8 +114,6 @@ class Config:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs --momentum > 0; pass --no-nesterov or a momentum")
-        if self.resume not in ("auto", "never"):
-            raise ConfigError(f"--resume must be auto or never, got {self.resume!r}")
         try:
             thresholds = self.thresholds()
         except ValueError:
@@ -108,6 +131,43 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict:
+        """The config as it may be shown and stored (logs, MLflow params, checkpoints): credentials redacted."""
+        return {k: redact(v) if isinstance(v, str) else v for k, v in self.to_dict().items()}
+
+
+RESUMABLE = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["resumable"])
+
+
+def resume_difference(saved: dict, current: dict) -> str:
+    """'' when a run with config `saved` may be continued under `current`, else the fields that differ."""
+    diff = [f"{k} {saved.get(k)!r} → {v!r}" for k, v in current.items() if k not in RESUMABLE and saved.get(k) != v]
+    return ("the config differs: " + ", ".join(diff)) if diff else ""
+
+# Query parameters whose values are credentials (access tokens, signed-URL signatures, API keys).
+_SECRET_QUERY = re.compile(r"token|secret|passw|pwd|key|sig|auth|credential|session", re.I)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _redact_url(url: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" not in netloc and not any(_SECRET_QUERY.search(k.partition("=")[0]) for k in parts.query.split("&")):
+        return url  # nothing to hide: leave it as written (urlunsplit would turn sqlite:/// into sqlite:/)
+    if "@" in netloc:  # user-info (user:password@, or a token as the user name) → hidden
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(f"{k}=***" if _SECRET_QUERY.search(k) else (f"{k}={v}" if v or "=" in pair else k)
+                     for pair in parts.query.split("&") if pair for k, _, v in [pair.partition("=")])
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by ***: user-info and token-like query values."""
+    return _URL.sub(lambda m: _redact_url(m.group(0)), text)
 
 
 # Named recipes; a preset sets these fields, the config file and flags still override them.
@@ -153,6 +213,11 @@ def _coerce(name: str, value, origin: str):
     if name not in FIELDS:
         raise ConfigError(f"{origin}: unknown config key '{name}'; see python -m ddp_train --help for the fields")
     f = FIELDS[name]
+    if isinstance(value, str) and f.type in (int, float):  # YAML 1.1 reads 5e-4 as a string: read it by the type
+        try:
+            value = f.type(value)
+        except ValueError:
+            pass
     ok = isinstance(value, f.type) and not (f.type is not bool and isinstance(value, bool))
     if f.type is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -206,6 +271,5 @@ def parse_args(argv=None) -> tuple[Config, bool]:
         cfg.experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or "cifar100-ddp"
         cfg.validate()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report(e))
     return cfg, check

@@ -52,6 +52,29 @@ def test_loader(data_dir: str, batch: int, workers: int, rank: int, world_size: 
                   indices=np.arange(rank, n, world_size, dtype=np.uint64), pipelines=_pipelines(device, coarse=True))
 
 
+def loaders(cfg, d):
+    """(train loader, test loader, kind) for this rank: `resident` (the splits in device memory, batched there) or
+    `ffcv`; both yield the same batches in the same order. `auto` takes resident on a GPU when both splits fit in
+    half of its free memory, else FFCV."""
+    from . import resident
+    data_dir = Path(cfg.data_dir)
+    train_path, test_path = (data_dir / manifest_lib.beton_name(s) for s in ("train", "test"))
+    kind = cfg.loader
+    if kind == "auto":
+        kind = "ffcv"
+        if d.device.type == "cuda":
+            need = (resident.ResidentTrain.device_bytes(train_path)
+                    + resident.ResidentTest.device_bytes(test_path, d.rank, d.world_size))
+            kind = "resident" if resident.fits(d.device, need) else "ffcv"
+    per_rank_batch = cfg.batch_size // d.world_size
+    if kind == "resident":
+        return (resident.ResidentTrain(train_path, per_rank_batch, cfg.seed, d.device, d.rank, d.world_size,
+                                       d.distributed),
+                resident.ResidentTest(test_path, cfg.eval_batch_size, d.device, d.rank, d.world_size), kind)
+    return (train_loader(cfg.data_dir, per_rank_batch, cfg.num_workers, cfg.seed, d.device, d.distributed),
+            test_loader(cfg.data_dir, cfg.eval_batch_size, cfg.num_workers, d.rank, d.world_size, d.device), kind)
+
+
 @functools.lru_cache(maxsize=None)
 def _mean_std(device: torch.device):
     # made once per device: a fresh tensor per batch would be a host→device copy (and a GPU sync) every step

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import JobError
+
 
 @dataclass
 class Dist:
@@ -42,7 +44,7 @@ def from_env() -> Dist:
     return Dist(rank, local_rank, world_size, device)
 
 
-class DistError(Exception):
+class DistError(JobError):
     """The process group cannot be formed: one line naming the problem and the fix."""
 
 
@@ -100,8 +102,9 @@ def wait_for_master() -> None:
         dist.barrier(group=_io_group)
 
 
-class PeerLost(Exception):
-    """A collective failed: another rank died, its node or link went away, or it timed out."""
+class PeerLost(JobError):
+    """A collective failed: another rank died, its node or link went away, or it timed out. Each rank that sees it
+    reports it (rank 0 may be the one that died)."""
 
 
 # What gloo and NCCL say when a peer is gone, lower-cased. gloo words it by where it notices: "Timed out waiting
@@ -150,34 +153,28 @@ def gather_objects(obj) -> list:
     return out
 
 
-class StopAgreement:
-    """Turns a signal seen by any rank into a stop at the same step on every rank.
-
-    Signal handlers only set `requested`. At each step boundary `poll()` starts an asynchronous all-reduce of the
-    flags on the CPU gloo group and reads the one started at the previous boundary, which has long completed:
-    no rank waits, and all ranks see the same value after the same step.
-    """
-
-    def __init__(self):
-        self.requested = 0          # the signal number, set by the handler
-        self._buf = torch.zeros(1)
-        self._work = None
-
-    def handler(self, signum, _frame):
-        self.requested = self.requested or signum
-
-    def poll(self) -> bool:
-        if not dist.is_initialized():
-            return bool(self.requested)
-        stop = False
-        if self._work is not None:
-            self._work.wait()
-            stop = self._buf.item() > 0
-        self._buf.fill_(1.0 if self.requested else 0.0)
-        self._work = dist.all_reduce(self._buf, group=control_group(), async_op=True)
-        return stop
-
-    def drain(self) -> None:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
+def on_master(fn):
+    """Run `fn` on rank 0 alone while the others wait (on the long-timeout I/O group); every rank then returns its
+    result, or raises its JobError — printed by rank 0 only, the others carry it quietly. A bug on rank 0 (any
+    other exception) keeps its traceback there and ends the other ranks with one quiet line."""
+    if not dist.is_initialized():
+        return fn()
+    result, error, crash = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except JobError as e:
+            error = e
+        except BaseException as e:
+            crash = e
+    box = [(result, error, f"{type(crash).__name__}: {crash}" if crash else None)]
+    dist.broadcast_object_list(box, src=0, group=_io_group)
+    result, error, crashed = box[0]
+    if crash is not None:
+        raise crash
+    if crashed:
+        error = JobError(f"rank 0 failed ({crashed[:200]}); see its traceback")
+    if error is not None:
+        error.quiet = dist.get_rank() != 0
+        raise error
+    return result

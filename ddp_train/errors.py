@@ -11,8 +11,9 @@ EXIT_REQUEUE = 3  # stopped on SIGUSR2/SIGTERM after checkpointing: not done, re
 
 
 class JobError(Exception):
-    """A fault with a one-line message that names the problem and the fix."""
+    """A fault with a one-line message that names the problem and the fix. `quiet`: another rank prints it."""
     exit_code = EXIT_FAILED
+    quiet = False
 
 
 class ConfigError(JobError):

@@ -34,13 +34,11 @@ def learning_curves(history: list, path: Path) -> Path:
 
 
 def per_superclass(counts: dict, names: list, csv_path: Path, png_path: Path) -> list:
-    """Fine and superclass top-1 for the test images of each of the superclasses, as a CSV and a bar chart."""
-    rows = []
-    for i, name in enumerate(names):
-        n = counts["images"][i]
-        rows.append({"superclass": name, "images": n,
-                     "top1": round(100 * counts["top1_hits"][i] / n, 2) if n else 0.0,
-                     "superclass_top1": round(100 * counts["super_top1_hits"][i] / n, 2) if n else 0.0})
+    """Fine and superclass top-1 for the test images of each superclass the test set has (a custom dataset may
+    lack some), as a CSV and a bar chart."""
+    rows = [{"superclass": name, "images": n, "top1": round(100 * counts["top1_hits"][i] / n, 2),
+             "superclass_top1": round(100 * counts["super_top1_hits"][i] / n, 2)}
+            for i, (name, n) in enumerate(zip(names, counts["images"])) if n]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

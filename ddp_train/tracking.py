@@ -5,7 +5,10 @@ import socket
 import subprocess
 import sys
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from .config import redact
 
 
 def git_state() -> dict:
@@ -25,6 +28,28 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+@contextmanager
+def _flock(path: Path):
+    import fcntl
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def store_lock(uri: str):
+    """For a sqlite store: an exclusive lock beside the database while it may be created or migrated — two jobs
+    starting at once against a new store otherwise race in MLflow's schema set-up (`_alembic_tmp_… already
+    exists`)."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return nullcontext()
+    return _flock(db.with_name(db.name + ".lock"))
+
+
 class Tracker:
     """One MLflow run for the job, written through MlflowClient. `enabled=False` (other ranks, --no-mlflow) makes
     every method a no-op.
@@ -41,6 +66,7 @@ class Tracker:
         self.run_id = None
         self.uri = None
         self.logged_epochs = set()
+        self.finished = False
         self.fallback = None            # (reason, uri) once the run has moved to the local fallback store
         self.journal = {"name": None, "params": {}, "tags": {}, "metrics": []}
         if not enabled:
@@ -54,9 +80,14 @@ class Tracker:
         if self.remote:  # fail over in seconds, not after MLflow's minutes of retries with back-off
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self.client = mlflow.MlflowClient(self.uri)
         self.experiment = experiment
         self.fallback_dir = Path(fallback_dir) if fallback_dir else Path(".")
+        self.unusable = None            # why the tracking URI could not even be opened (a typo, a plain directory)
+        try:
+            with store_lock(self.uri):
+                self.client = mlflow.MlflowClient(self.uri)
+        except Exception as e:
+            self.client, self.unusable = None, _reason(e)
 
     def _guard(self, what, fn, journaled=False):
         """Run fn; on failure against a server, fall back and — unless the journal replay already covered it
@@ -67,7 +98,7 @@ class Tracker:
             return fn()
         except Exception as e:  # tracking must never stop training
             reason = _reason(e)
-            if self.remote and self.fallback is None and self._fall_back(reason):
+            if (self.remote or self.unusable) and self.fallback is None and self._fall_back(reason):
                 if journaled:
                     return None
                 try:
@@ -88,7 +119,8 @@ class Tracker:
             self.uri, self.remote = uri, False
             self.run_id = None
             self._create_run(self.journal["name"], self.journal["params"],
-                             {**self.journal["tags"], "fallback_from": f"{self.journal.get('server')} run {lost_run}"})
+                             {**self.journal["tags"],
+                              "fallback_from": f"{redact(self.journal.get('server'))} run {lost_run}"})
             for metrics, step in self.journal["metrics"]:
                 self._log_batch(metrics, step)
         except Exception as e:
@@ -96,14 +128,18 @@ class Tracker:
             self.enabled = False
             return False
         self.fallback = (reason, uri)
-        self.log(f"warning: MLflow server {self.journal.get('server')} unreachable ({reason}); the run continues in "
-                 f"the local store {uri} (run {self.run_id}), with everything logged so far replayed; view it with "
-                 f"mlflow ui --backend-store-uri {uri}")
+        what = "tracking URI" if self.unusable else "server"
+        self.log(f"warning: MLflow {what} {redact(self.journal.get('server'))} unreachable ({reason}); the run "
+                 f"continues in the local store {uri} (run {self.run_id}), with everything logged so far replayed; "
+                 f"view it with mlflow ui --backend-store-uri {uri}")
         return True
 
     def _create_run(self, run_name, params, tags):
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        if self.client is None:
+            raise RuntimeError(self.unusable)
+        with store_lock(self.uri):  # two jobs creating one experiment in a new store at once
+            exp = self.client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param
@@ -124,7 +160,7 @@ class Tracker:
                             server=self.uri)
 
         def _start():
-            if resume_run_id:
+            if resume_run_id and self.client is not None:
                 try:
                     self.client.update_run(resume_run_id, status="RUNNING")
                     for k, v in tags.items():
@@ -140,7 +176,7 @@ class Tracker:
             self._create_run(run_name, params, tags)
         self._guard("start", _start, journaled=True)
         if self.run_id and not self.fallback:
-            self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {self.uri}"
+            self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {redact(self.uri)}"
                      + (" (continued)" if resume_run_id == self.run_id else ""))
 
     def log_epoch(self, metrics: dict, epoch: int) -> None:
@@ -176,12 +212,38 @@ class Tracker:
         if self.run_id:
             self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path)))
 
-    def finish(self, status: str) -> None:
+    def log_text(self, text: str, name: str) -> None:
         if self.run_id:
+            self._guard("log_text", lambda: self.client.log_text(self.run_id, text, name))
+
+    def log_metrics(self, metrics: dict) -> None:
+        """Run-level metrics (e.g. the time budget), step 0."""
+        if self.run_id:
+            self.journal["metrics"].append((dict(metrics), 0))
+            self._guard("log_metrics", lambda: self._log_batch(metrics, 0), journaled=True)
+
+    def finish(self, status: str) -> None:
+        """End the run with `status`, once; later calls do nothing."""
+        if self.run_id and not self.finished:
+            self.finished = True
             self._guard("end_run", lambda: self.client.set_terminated(self.run_id, status))
             if self.fallback:
                 self.log(f"MLflow: the tracking server failed during the run ({self.fallback[0]}); the complete run "
                          f"is {self.run_id} in {self.fallback[1]}")
+
+
+def mark_failed(run_id: str, uri: str) -> None:
+    """From a surviving rank after rank 0 died (e.g. SIGKILL): end the job's run FAILED if it is still RUNNING.
+    Best effort, never raises."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import mlflow
+        client = mlflow.MlflowClient(uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except Exception:
+        pass
 
 
 def environment_tags(world_size: int, device, manifest_checksum: str, manifest: dict) -> dict:

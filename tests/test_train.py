@@ -232,7 +232,7 @@ def test_check_validates_config_and_data_for_the_world_size_without_training(syn
 
 
 def test_amp_auto_picks_bf16_only_where_gpus_compute_it_natively():
-    from ddp_train.train import auto_amp, resolve_amp
+    from ddp_train.step import auto_amp, resolve_amp
     assert [auto_amp(c) for c in [(6, 1), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (10, 0)]] == \
         ["fp16", "fp16", "fp16", "bf16", "bf16", "bf16", "bf16"]  # P100/V100/T4 emulate bf16: fp16 + GradScaler
     cpu = torch.device("cpu")

@@ -1,11 +1,11 @@
-"""ddp_train.train.evaluate of a fixed BatchNorm ResNet on the test beton argv[1]; rank 0 writes JSON to argv[2]."""
+"""ddp_train.step.evaluate of a fixed BatchNorm ResNet on the test beton argv[1]; rank 0 writes JSON to argv[2]."""
 import json
 import sys
 
 import torch
 
 from data_prep.manifest import verify
-from ddp_train import data, dist, train
+from ddp_train import data, dist, step
 from ddp_train.models import build_model
 
 d = dist.from_env()
@@ -16,7 +16,8 @@ model = build_model("resnet18", 100, width=8).to(memory_format=torch.channels_la
 with torch.no_grad():  # non-trivial BatchNorm statistics, identical on every rank
     model(torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last))
 loader = data.test_loader(sys.argv[1], 128, 1, d.rank, d.world_size, d.device)
-metrics = train.evaluate(model, loader, d.device, None, torch.tensor(manifest["fine_to_coarse"]), True)
+metrics = step.evaluate(model, loader, d.device, None, torch.tensor(manifest["fine_to_coarse"]),
+                        len(manifest["coarse_label_names"]), True)
 if d.master:
     with open(sys.argv[2], "w") as f:
         json.dump(metrics, f)

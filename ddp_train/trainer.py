@@ -1,0 +1,333 @@
+"""The Trainer: builds every part of a run from the config, runs the epochs, and ends the run through one exit.
+
+    with Trainer(cfg, d, manifest, budget) as trainer:
+        status = trainer.train()
+
+Each part owns its state: the run directory (rundir: name, lock, whose run it is), the checkpoints (checkpoint:
+when to save, what every rank contributes, which one to continue from), MLflow (tracking.Tracker: a no-op on other
+ranks and with --no-mlflow), system metrics, the stop agreement (stop: signals and non-finite losses), the time
+budget. Every way out — success, failure, a stop for requeue, a lost peer, a failure while building — passes
+through __exit__, which ends system metrics and the MLflow run with the right status once and releases the run
+directory.
+"""
+import contextlib
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data_prep import manifest as manifest_lib
+
+from . import data, dist, report, rundir, step, tracking
+from .budget import Budget
+from .checkpoint import Checkpointer
+from .config import Config
+from .errors import EXIT_REQUEUE, JobError
+from .models import build_model
+from .stop import NonFiniteLoss, StopAgreement
+
+
+def _quiet(*_, **__):
+    pass
+
+
+def format_epoch(epoch: int, m: dict) -> str:
+    return (f"epoch {epoch} | loss {m['train_loss']:.3f} | train {m['train_top1']:.2f} % | "
+            f"test {m['test_top1']:.2f} % (top-5 {m['test_top5']:.2f} %, superclass {m['test_super_top1']:.2f} %) | "
+            f"lr {m['lr']:.4g} | {m['images_per_s']:.0f} img/s | {m['epoch_seconds']:.1f} s")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, d: dist.Dist, manifest: dict, budget: Budget = None):
+        self.cfg, self.d, self.manifest = cfg, d, manifest
+        self.budget = budget or Budget()
+        self.device = d.device
+        self.log = print if d.master else _quiet
+        self.status = "FAILED"          # how the MLflow run ends unless train() gets further
+        self.epoch = 0
+        self.history, self.per_superclass = [], None
+        self.start_epoch, self.start_step, self.rank_state, self.resume_run_id = 0, 0, None, None
+        self._exit = contextlib.ExitStack()
+
+    # -- building ---------------------------------------------------------------------------------------------
+
+    def __enter__(self):
+        try:
+            self._build()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def _build(self):
+        cfg, d, budget = self.cfg, self.d, self.budget
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.amp_dtype, use_scaler = step.resolve_amp(cfg.amp, self.device)
+        self.mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        manifest_sha = manifest_lib.manifest_checksum(cfg.data_dir)
+
+        with budget.phase("run_dir"):  # rank 0 names, locks and checks the directory; every rank learns the result
+            self.run_name, resume_path = dist.on_master(lambda: self._claim(manifest_sha))
+            self.run_dir = Path(cfg.out_dir) / self.run_name
+            self.ckpt = Checkpointer(self.run_dir, self.run_name, cfg, manifest_sha, d)
+
+        with budget.phase("model"):
+            num_classes = len(self.manifest["fine_label_names"])
+            self.model = build_model(cfg.model, num_classes, cfg.width, cfg.norm).to(self.device,
+                                                                                     memory_format=self.mem)
+            if cfg.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.optimizer = step.make_optimizer(cfg, self.model)
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        with budget.phase("loaders"):
+            self.train_loader, self.test_loader, self.loader_kind = data.loaders(cfg, d)
+        self.steps = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, step.lr_lambda(cfg, self.steps))
+        self.fine_to_coarse = torch.tensor(self.manifest["fine_to_coarse"], device=self.device)
+        self.num_superclasses = len(self.manifest["coarse_label_names"])
+        if resume_path:
+            with budget.phase("run_dir"):
+                self._restore(resume_path)
+        self.net = step.wrap_model(self.model, cfg, self.device, d.distributed)
+
+        with budget.phase("tracking_start"):
+            self.tracker = tracking.Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment,
+                                            fallback_dir=self.run_dir, log=self.log)
+            self._exit.callback(lambda: self.tracker.finish(self.status))
+            self.tracker.start(self.run_name, cfg.public_dict(), self._tags(manifest_sha),
+                               resume_run_id=self.resume_run_id)
+            dist.wait_for_master()
+        self.run_id, self.tracking_uri = dist.broadcast_object((self.tracker.run_id, self.tracker.uri))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+        self.sysmetrics = tracking.SystemMetrics(
+            self.run_id if cfg.mlflow and cfg.system_metrics and d.local_rank == 0 else None, self.tracking_uri,
+            cfg.system_metrics_interval, label_node=local_world < d.world_size, log=print)
+        self._exit.callback(self.sysmetrics.stop)
+        self.step_logger = tracking.StepLogger(self.tracker, cfg.log_every_steps)
+        self.stopper = self._exit.enter_context(StopAgreement())
+        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+        self.log(f"run {self.run_name}: {d.world_size} × {self.device.type} "
+                 f"({'nccl' if self.device.type == 'cuda' else 'gloo'}), {cfg.batch_size // d.world_size} images per "
+                 f"rank per step, {self.steps} steps per epoch, amp {amp}, {self.loader_kind} loader, data "
+                 f"{self.manifest['source']}")
+
+    def _claim(self, manifest_sha: str):
+        """Rank 0: the run's name and the checkpoint to continue from (None: a fresh start)."""
+        ident = rundir.job_identity()
+        name = rundir.choose_name(self.cfg, self.d.world_size, ident, self.log)
+        run = rundir.RunDir(self.cfg.out_dir, name)
+        self._exit.callback(run.close)
+        self.run = run.open(self.cfg, manifest_sha, ident)
+        path = Checkpointer(run.path, name, self.cfg, manifest_sha, self.d).find(self.log)
+        return name, path
+
+    def _restore(self, path):
+        state = self.ckpt.load(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.start_step, self.history = state["epoch"], state["step"], state["history"]
+        self.per_superclass, self.resume_run_id = state.get("per_superclass"), state.get("mlflow_run_id")
+        if state["world_size"] == self.d.world_size:  # this rank's RNG and partial-epoch state
+            self.rank_state = state["ranks"][self.d.rank]
+            torch.set_rng_state(self.rank_state["torch_rng"])
+            if self.device.type == "cuda" and self.rank_state["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(self.rank_state["cuda_rng"], self.device)
+        self.log(f"resuming from {path}: epoch {self.start_epoch}, step {self.start_step} of {self.steps}")
+
+    def _tags(self, manifest_sha: str) -> dict:
+        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+        return {**tracking.environment_tags(self.d.world_size, self.device, manifest_sha, self.manifest),
+                "amp": amp, "loader": self.loader_kind}
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """All remaining epochs, then the final model. → 0, or EXIT_REQUEUE when a signal stopped the run."""
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            self.epoch = epoch
+            train = self.train_epoch(epoch)
+            if train is None:
+                self.status = "KILLED"
+                return EXIT_REQUEUE
+            self.end_epoch(epoch, train, self.evaluate())
+        self.finish()
+        self.status = "FINISHED"
+        return 0
+
+    def train_epoch(self, epoch: int):
+        """One epoch (or the rest of an interrupted one) → its training metrics; None when a signal stopped it
+        (after a checkpoint at the step where every rank stopped)."""
+        cfg, device = self.cfg, self.device
+        skip = self.start_step if epoch == self.start_epoch else 0
+        self.net.train()
+        gen = data.epoch_generator(cfg.seed, epoch, self.d.rank, device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
+        elapsed = 0.0
+        if skip:  # continue the interrupted epoch exactly where it stopped
+            gen.set_state(self.rank_state["gen"])
+            sums = self.rank_state["sums"].to(device)
+            elapsed = self.rank_state["seconds"]
+        t0 = time.perf_counter()
+        self.train_loader.next_epoch = epoch  # the data order is a function of (seed, epoch)
+        for i, (images, labels) in enumerate(self._progress(epoch, skip)):
+            if i < skip:
+                continue
+            x = step.prepare_batch(images, cfg, gen, self.mem)
+            loss, logits = step.train_step(self.net, x, labels, self.optimizer, self.scaler, self.criterion,
+                                           self.amp_dtype, device)
+            self.scheduler.step()
+            n = labels.shape[0]
+            # no host→device tensor per step (it would wait for the GPU): n is added as a scalar argument
+            sums[:2] += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()])
+            sums[2] += n
+            self.step_logger.step(epoch * self.steps + i + 1, loss, self.scheduler)
+            self.stopper.watch(i + 1, loss)
+            stop, diverged = self.stopper.poll()
+            if diverged:
+                self._diverged(epoch)
+            if stop:
+                self.stopper.drain()
+                seconds = elapsed + time.perf_counter() - t0
+                with self.budget.phase("checkpoints"):
+                    target = self.ckpt.save(epoch, i + 1, self.state_dict, self._rank_state(gen, sums, seconds))
+                self.log(f"stopped by signal {self.stopper.requested or 'on another rank'} at epoch {epoch}, step "
+                         f"{i + 1}; checkpoint {target}; rerun with --run-name {self.run_name} (a requeued job "
+                         "does) to resume", flush=True)
+                return None
+        if self.stopper.settle():
+            self._diverged(epoch)
+        self.step_logger.flush()
+        loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
+        seconds = elapsed + time.perf_counter() - t0
+        return {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, "images_per_s": seen / seconds,
+                "train_seconds": seconds}
+
+    def _progress(self, epoch: int, skip: int):
+        bar = self.cfg.progress == "bar" or (self.cfg.progress == "auto" and sys.stderr.isatty())
+        if not (bar and self.d.master):
+            return self.train_loader
+        from tqdm import tqdm
+        return tqdm(self.train_loader, total=self.steps, initial=skip, desc=f"epoch {epoch}", leave=False,
+                    dynamic_ncols=True)
+
+    def _diverged(self, epoch: int):
+        seen = self.stopper.nonfinite_step
+        where = f"at epoch {epoch}, step {seen} on rank {self.d.rank}" if seen else f"in epoch {epoch} on another rank"
+        last = f"the last good checkpoint is {self.ckpt.last}" if self.ckpt.last else "no checkpoint was saved yet"
+        raise NonFiniteLoss(f"the training loss is not finite ({where}); nothing of it was saved and {last}; lower "
+                            f"--lr ({self.cfg.lr:g}) or check the data")
+
+    def evaluate(self) -> dict:
+        """Exact test metrics of rank 0's model (every rank evaluates its share of the test set)."""
+        t = time.perf_counter()
+        dist.broadcast_buffers(self.model)  # BatchNorm statistics drift per rank: evaluate the model that is saved
+        metrics = step.evaluate(self.net, self.test_loader, self.device, self.amp_dtype, self.fine_to_coarse,
+                                self.num_superclasses, self.cfg.channels_last)
+        metrics["eval_seconds"] = time.perf_counter() - t
+        return metrics
+
+    def end_epoch(self, epoch: int, train: dict, test: dict) -> None:
+        """Record, log and print the epoch; checkpoint when due."""
+        train_s, eval_s = train.pop("train_seconds"), test.pop("eval_seconds")
+        self.per_superclass = test.pop("per_superclass")
+        metrics = {"train_loss": train["train_loss"], "train_top1": train["train_top1"], **test,
+                   "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": train["images_per_s"],
+                   "epoch_seconds": train_s + eval_s}
+        trained = sum(h["epoch_seconds"] for h in self.history) + metrics["epoch_seconds"]
+        for t in self.cfg.thresholds():  # time to accuracy, logged once, at the epoch that first reaches it
+            key = f"time_to_top1_{t:g}"
+            if metrics["test_top1"] >= t and not any(key in h for h in self.history):
+                metrics[key] = trained
+        self.history.append(metrics)
+        self.budget.epoch(train_s, eval_s)
+        self.tracker.log_epoch(metrics, epoch)  # before the line, so a printed epoch is already tracked
+        self.log(format_epoch(epoch, metrics), flush=True)
+        if self.ckpt.due(epoch + 1):
+            with self.budget.phase("checkpoints"):
+                self.ckpt.save(epoch + 1, 0, self.state_dict, self._rank_state())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "history": self.history, "per_superclass": self.per_superclass, "mlflow_run_id": self.tracker.run_id}
+
+    def _rank_state(self, gen=None, sums=None, seconds=0.0) -> dict:
+        return {"torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "gen": gen.get_state() if gen is not None else None,
+                "sums": sums.cpu() if sums is not None else None, "seconds": seconds}
+
+    # -- the end ----------------------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Rank 0 saves the final model, pictures and tables and uploads them, the model last; the others wait."""
+        self.sysmetrics.stop()
+        with self.budget.phase("export"):
+            dist.on_master(self._export)
+        if self.d.master:
+            (self.run_dir / "time_budget.csv").write_text(self.budget.csv())
+            self.tracker.log_metrics(self.budget.metrics())
+            self.tracker.log_artifact(self.run_dir / "time_budget.csv")
+            self.log(self.budget.table())
+            self.run.finished(self.history[-1] if self.history else {}, self.tracker.run_id)
+            if self.tracker.errors:
+                self.log(f"warning: {self.tracker.errors} MLflow call(s) failed; see the warnings above")
+        dist.wait_for_master()
+
+    def _export(self) -> None:
+        final = copy.deepcopy(self.model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+        path = self.run_dir / "model.pt"
+        metrics = self.history[-1] if self.history else {}
+        try:
+            with manifest_lib.atomic_file(path) as f:
+                torch.save({"model": final.state_dict(), "config": self.cfg.public_dict(), "metrics": metrics,
+                            "fine_label_names": self.manifest["fine_label_names"]}, f)
+        except OSError as e:
+            raise JobError(f"cannot write the final model {path} ({e.strerror or e}); the final checkpoint "
+                           f"{self.ckpt.last} is intact: free space and rerun with --run-name {self.run_name} to "
+                           "export again") from None
+        self.log(f"saved {path}")
+        pictures = [report.learning_curves(self.history, self.run_dir / "learning_curves.png")] if self.history \
+            else []
+        if self.per_superclass:
+            table, chart = self.run_dir / "per_superclass.csv", self.run_dir / "per_superclass.png"
+            report.per_superclass(self.per_superclass, self.manifest["coarse_label_names"], table, chart)
+            pictures += [table, chart]
+        for picture in pictures:
+            self.tracker.log_artifact(picture)
+        reached = {k: v for h in self.history for k, v in h.items() if k.startswith("time_to_top1_")}
+        self.log("time to accuracy: " + (", ".join(f"{k[13:]} % in {v:.1f} s" for k, v in reached.items())
+                                          or "no threshold reached"))
+        example = data.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).numpy()
+        self.tracker.log_model(final, example, register_as=self.cfg.register_model)  # last: it ends the run
+
+    def __exit__(self, exc_type, exc, tb):
+        lost = exc is not None and dist.is_comm_failure(exc)
+        if exc is not None:
+            self.status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        self._exit.close()
+        if lost:
+            if self.d.rank == 1 and getattr(self, "run_id", None):  # rank 0 may be the one that died
+                tracking.mark_failed(self.run_id, self.tracking_uri)
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            then = (f"rerun with --run-name {self.run_name} (a requeued job does) to resume from the last checkpoint"
+                    if self.ckpt.last else "no checkpoint was saved yet: rerun to start again") \
+                if hasattr(self, "ckpt") else "rerun to start again"
+            raise dist.PeerLost(f"rank {self.d.rank} lost its peers in epoch {self.epoch} ({first[-200:]}); a node, "
+                                f"its link or another rank failed (--dist-timeout {self.cfg.dist_timeout} s); "
+                                f"{then}") from exc
+        return False
