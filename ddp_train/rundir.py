@@ -79,7 +79,7 @@ def choose_name(cfg: Config, world_size: int, ident: dict, log=print) -> str:
     name = f"{base}-slurm{slurm_id}" if slurm_id else f"{base}-{_now()}-{secrets.token_hex(2)}"
     if (out / name).exists():  # a Slurm job id seen before: ids restart (lost controller state, another cluster)
         other = read_info(out / name)
-        new = f"{name}-{_now()}"
+        new = f"{name}-{_now()}-{secrets.token_hex(2)}"
         log(f"note: {out / name} belongs to {other.get('job') or 'another job'} (created {other.get('created', '?')})"
             f", not to a restart of this job; this job's run is {new}")
         name = new
@@ -125,7 +125,7 @@ class RunDir:
             raise RunFinished(f"run {self.name} already finished" + (f" (test top-1 {top1:.2f} %)" if top1 else "")
                               + f"; its model is {self.path / 'model.pt'}; choose a new --run-name to train again")
         if not self.info or not any((self.path / "checkpoints").glob("ckpt_e*_s*.pt")):  # nothing to continue
-            self.info = {"name": self.name, "created": _now("%Y-%m-%dT%H:%M:%S"), "job": ident["job"],
+            self.info = {"name": self.name, "created": _now("%Y-%m-%dT%H:%M:%S.%f"), "job": ident["job"],
                          "config": cfg.public_dict(), "manifest_sha256": manifest_sha, "status": "running"}
             self.write()
         return self

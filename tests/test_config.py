@@ -69,3 +69,49 @@ def test_bad_config_files_exit_2_with_one_line(tmp_path, text, fragment):
     path.write_text(text)
     p = run([sys.executable, "-m", "ddp_train", "--config", path])
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and fragment in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay=-inf"], "--weight-decay must be a finite number, got -inf"),
+])
+def test_non_finite_numbers_are_bad_input(args, fragment):
+    p = run([sys.executable, "-m", "ddp_train", "--check", *args])
+    assert p.returncode == 2 and error_lines(p.stderr) == [f"error: {fragment}"], p.stderr
+
+
+def test_yaml_numbers_are_read_by_the_fields_type(tmp_path):
+    """YAML 1.1 reads 5e-4 (no dot) as a string; the field says float."""
+    path = tmp_path / "c.yaml"
+    path.write_text("weight_decay: 5e-4\nlr: 1e-1\nepochs: '7'\n")
+    cfg = parse(["--config", str(path)])
+    assert cfg.weight_decay == 5e-4 and cfg.lr == 0.1 and cfg.epochs == 7
+
+
+def test_resumable_fields_are_how_a_run_executes_not_what_it_computes():
+    from ddp_train.config import RESUMABLE, resume_difference
+    assert {"data_dir", "num_workers", "loader", "tracking_uri", "out_dir"} <= RESUMABLE
+    assert not {"lr", "epochs", "seed", "batch_size", "model", "augment"} & RESUMABLE
+    saved = Config().to_dict()
+    assert resume_difference(saved, {**saved, "num_workers": 9, "data_dir": "/x"}) == ""
+    assert resume_difference(saved, {**saved, "epochs": 3}) == "the config differs: epochs 40 → 3"
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("https://alice:s3cret@mlflow.example:5000", "https://***@mlflow.example:5000"),
+    ("https://tok3n@host/x", "https://***@host/x"),
+    ("https://host/api?run=1&access_token=s3cret&sig=abc", "https://host/api?run=1&access_token=***&sig=***"),
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("torchrun -m ddp_train --tracking-uri http://u:p@h:1 --lr 0.1", "torchrun -m ddp_train --tracking-uri "
+                                                                      "http://***@h:1 --lr 0.1"),
+])
+def test_credentials_in_urls_are_redacted(text, shown):
+    from ddp_train.config import redact
+    assert redact(text) == shown
+
+
+def test_the_public_config_hides_credentials():
+    cfg = Config(tracking_uri="https://u:s3cret@h", experiment="e")
+    assert cfg.public_dict()["tracking_uri"] == "https://***@h" and cfg.tracking_uri == "https://u:s3cret@h"
