@@ -1,4 +1,5 @@
-"""`make train`: pick the hardware recipe, prepare data if missing, then exec torchrun on every local GPU.
+"""`make train`: pick the hardware recipe, prepare data if missing, then exec torchrun on every local GPU
+(python -m ddp_train.torchrun: torchrun with one-line endings).
 
 With GPUs: one process per GPU, the default (real) recipe, the official CIFAR-100 in data/.
 Without: the `cpu-demo` preset on 2 gloo processes and a 5,000-image synthetic set in data/synthetic/; its 4 epochs
@@ -6,7 +7,6 @@ take ~30 s on the 2-vCPU build machine (measured).
 """
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -41,9 +41,10 @@ def main(argv=None) -> int:
         if prep(["--source", source, "--out", data_dir]) != 0:
             return 1
 
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle",
-           "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir", data_dir, *extra]
+    # torchrun, ending in one line instead of a traceback when a worker fails or a signal stops it
+    cmd = [sys.executable, "-m", "ddp_train.torchrun", "--standalone", f"--nproc_per_node={nproc}",
+           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir", data_dir,
+           *extra]
     print("launch: " + " ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
 

@@ -1,0 +1,83 @@
+"""python -m ddp_train.torchrun: torchrun whose endings read as one line. Real torchrun processes: a bad flag
+shows the trainer's error and one summary line with the trainer's status; a worker's crash keeps its traceback; a
+SIGUSR2 ends in one line and the trainer's requeue status, with no SignalException traceback."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HELPERS = Path(__file__).parent / "helpers"
+TRAIN = ["--preset", "cpu-demo", "--width", "8", "--batch-size", "100", "--no-mlflow"]
+
+
+def env():
+    """As sbatch and make train run it: OMP_NUM_THREADS unset, so torchrun would print its banner."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONUNBUFFERED": "1"}
+
+
+def wrapper(*args, cwd, timeout=300):
+    cmd = [sys.executable, "-m", "ddp_train.torchrun", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    return subprocess.run(cmd, check=False, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_bad_flag_prints_the_trainers_error_and_one_summary_line(synthetic_data, tmp_path):
+    p = wrapper("-m", "ddp_train", "--data-dir", synthetic_data, *TRAIN, "--batch-size", "101", cwd=tmp_path)
+    out = lines(p.stdout) + lines(p.stderr)
+    assert p.returncode == 2, p.stdout + p.stderr  # the trainer's status for bad input, not torchrun's 1
+    assert len(out) == 2, p.stdout + p.stderr
+    assert out[0] == "error: --batch-size 101 is not divisible by the world size 2; use a multiple of 2"
+    # either rank may be seen first; the other exits 2 as well or is stopped by torchrun
+    assert re.fullmatch(r"torchrun on \S+: ranks? [01](-1)? exited with status 2 \(bad input\)"
+                        r"(; rank [01] killed by SIGTERM)?; the workers' errors are above; exit 2", out[1]), out[1]
+
+
+def test_a_crashing_worker_keeps_its_traceback(tmp_path):
+    p = wrapper(HELPERS / "crash.py", cwd=tmp_path)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Traceback (most recent call last)" in p.stderr and "in load_batch" in p.stderr
+    assert "RuntimeError: unexpected failure in rank 1" in p.stderr
+    assert "ChildFailedError" not in p.stderr and "Setting OMP_NUM_THREADS" not in p.stderr
+    assert lines(p.stderr)[-1].endswith(": rank 1 exited with status 1 (failed); rank 0 killed by SIGTERM; "
+                                        "the workers' errors are above; exit 1"), p.stderr
+
+
+def test_sigusr2_ends_in_one_line_with_the_trainers_requeue_status(synthetic_data, tmp_path):
+    """What Slurm's --signal=B:USR2 does through train.sbatch: the ranks checkpoint and exit 3; so does torchrun."""
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-m", "ddp_train.torchrun", "--standalone", "--nproc_per_node=2",
+           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir",
+           str(synthetic_data), *TRAIN, "--epochs", "20"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while "\nepoch 0 |" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGUSR2)
+            code = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert code == 3, text
+    assert "stopped by signal 12" in text and "Traceback" not in text and "SignalException" not in text
+    assert lines(text)[-1].endswith(": stopped by SIGUSR2 and passed it to the workers; local ranks 0-1 exited "
+                                    "with status 3 (checkpointed, to be resumed); exit 3"), text
+
+
+def test_make_train_launcher_runs_the_wrapper(synthetic_data, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "ddp_train.launch", "--data-dir", str(synthetic_data), "--nproc", "2",
+                        "--", "--batch-size", "101", "--no-mlflow"], cwd=tmp_path, env=env(), capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "-m ddp_train.torchrun --standalone --nproc_per_node=2" in p.stdout
+    out = lines(p.stderr)
+    assert out[0] == "error: --batch-size 101 is not divisible by the world size 2; use a multiple of 2"
+    assert len(out) == 2 and out[1].startswith("torchrun on "), p.stderr
