@@ -44,6 +44,22 @@ def test_read_back_equals_read_beton(train, read_back, synthetic_data):
         assert np.array_equal(mine.numpy(), theirs)
 
 
+def test_read_back_when_the_file_order_is_not_the_sample_order(tmp_path):
+    """Two writer workers filling their own pages in turns (as data_prep's full-size betons are written) store the
+    samples out of id order: the reader must follow the data pointers."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    path = tmp_path / "interleaved.beton"
+    rng = np.random.default_rng(1)
+    samples = [(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), i % 100, i % 20) for i in range(3000)]
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "fine_label": IntField(),
+                              "coarse_label": IntField()}, num_workers=2).from_indexed_dataset(samples, chunksize=50)
+    test = resident.ResidentTest(str(path), 1000, CPU)
+    for mine, theirs in zip((test.images, test.fine, test.coarse), read_beton(path), strict=True):
+        assert np.array_equal(mine.numpy(), theirs)
+    assert np.array_equal(test.images.numpy(), np.stack([s[0] for s in samples]))
+
+
 def test_train_batches_equal_the_ffcv_loader(train, synthetic_data):
     ffcv = data.train_loader(str(synthetic_data), 128, 1, SEED, CPU, distributed=False)
     assert len(train) == len(ffcv) == 2000 // 128
