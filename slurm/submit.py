@@ -13,9 +13,13 @@ the checkpoint into the same MLflow run.
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
+
+from ddp_train.errors import ConfigError, JobError, report
 
 
 @contextlib.contextmanager
@@ -58,7 +62,7 @@ class TrainJob:
 def parse_args(argv=None):
     from ddp_train.config import OneLineParser
     p = OneLineParser(prog="python -m slurm.submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0 for CPU nodes (gloo)")
@@ -76,34 +80,59 @@ def parse_args(argv=None):
     p.add_argument("--local", action="store_true", help="run here without Slurm (submitit's local executor)")
     p.add_argument("--wait", action="store_true", help="follow the job to its end and exit with its status")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="after --: flags for python -m ddp_train")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # argparse would say "unrecognized arguments"; the usual cause is a missing --
+        p.error(f"unknown launcher flag{'s' if len(unknown) > 1 else ''} {' '.join(unknown)}; trainer flags go "
+                f"after --, e.g. python -m slurm.submit --nodes 2 -- --epochs 60")
     args.trainer_args = [a for a in args.trainer_args if a != "--"] if args.trainer_args[:1] == ["--"] \
         else args.trainer_args
+    # Each bad value is one line before anything is written or submitted (never a traceback from the queue).
+    def need(ok, message):
+        if not ok:
+            p.error(message)
+    need(args.nodes >= 1, f"--nodes must be at least 1, got {args.nodes}")
+    need(not args.local or args.nodes == 1, "--local runs on one node; drop --nodes")
+    need(args.gpus_per_node >= 0, f"--gpus-per-node must be 0 (CPU nodes) or more, got {args.gpus_per_node}")
     if args.tasks_per_node is None:
-        if args.gpus_per_node < 1:
-            p.error("--gpus-per-node 0 needs --tasks-per-node (CPU workers per node)")
+        need(args.gpus_per_node >= 1, "--gpus-per-node 0 needs --tasks-per-node (CPU workers per node)")
         args.tasks_per_node = args.gpus_per_node
+    need(args.tasks_per_node >= 1, f"--tasks-per-node must be at least 1, got {args.tasks_per_node}")
+    need(args.cpus_per_task >= 1, f"--cpus-per-task must be at least 1, got {args.cpus_per_task}")
+    need(args.time >= 1, f"--time must be at least 1 minute, got {args.time}")
+    need(0 <= args.signal_delay < args.time * 60, f"--signal-delay must be at least 0 and less than --time "
+         f"({args.time * 60} s), got {args.signal_delay}")
+    need(args.mem is None or re.fullmatch(r"\d+[KMGT]?", args.mem, re.IGNORECASE),
+         f"--mem must be a size such as 64G or 64000 (megabytes), got '{args.mem}'")
     return args
+
+
+def make_log_dir(path: Path) -> None:
+    """Create submitit's folder now, so that one that cannot be written fails here in one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--log-dir {path} cannot be written ({e.strerror}); choose another directory")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Bad trainer flags and missing data fail here, not in the queue.
-    from data_prep.cifar import DataError
     from data_prep.manifest import verify
-    from ddp_train.config import ConfigError, parse
+    from ddp_train.config import parse
     cfg = parse(args.trainer_args)
     try:
         cfg.validate(args.nodes * args.tasks_per_node)
-        verify(cfg.data_dir, hash_files=False)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        verify(cfg.data_dir, False)  # the quick check, without hashing (hash_files=False, now full=False)
+        make_log_dir(args.log_dir)
+    except JobError as e:
+        return report(e)
 
     import submitit
     executor = submitit.AutoExecutor(folder=args.log_dir / "%j", cluster="local" if args.local else None)
-    params = dict(name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
-                  cpus_per_task=args.cpus_per_task, timeout_min=args.time)
+    params = {"name": args.job_name, "nodes": args.nodes, "tasks_per_node": args.tasks_per_node,
+              "cpus_per_task": args.cpus_per_task, "timeout_min": args.time}
     if executor.cluster == "slurm":
         params["slurm_signal_delay_s"] = args.signal_delay
         if args.gpus_per_node:
@@ -111,15 +140,12 @@ def main(argv=None) -> int:
         for key in ("partition", "account", "qos", "mem"):
             if getattr(args, key):
                 params[f"slurm_{key}"] = getattr(args, key)
-    elif args.local and args.nodes != 1:
-        print("error: --local runs on one node; drop --nodes", file=sys.stderr)
-        return 2
     executor.update_parameters(**params)
     try:
         from slurm.submit import TrainJob as Job  # pickled by reference, not as __main__.TrainJob
         with _stderr_to_devnull():  # sbatch's own complaint is repeated in our one line below
             job = executor.submit(Job(args.trainer_args))
-    except Exception as e:  # sbatch's refusal (unknown partition, too many GPUs…) in one line
+    except Exception as e:  # noqa: BLE001 — sbatch's refusal (unknown partition, too many GPUs…) in one line
         reason = " ".join(str(e).split())
         print(f"error: the job was not submitted: {reason[-400:]}", file=sys.stderr)
         return 1
@@ -129,7 +155,7 @@ def main(argv=None) -> int:
         return 0
     try:
         job.results()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 — whatever failed the job, its line is in the logs
         # The trainer's own one-line reason, from any task's log; submitit's exception ends in a traceback.
         logs = sorted(job.paths.folder.glob(f"{job.job_id}_*_log.*"))
         reasons = [line[7:] for log in logs for line in log.read_text(errors="replace").splitlines()

@@ -9,8 +9,19 @@ import time
 import pytest
 
 from conftest import error_lines, run
-from slurmtools import (DONE, EPOCH_LINE, SBATCH, finish_requeued, job_env, only_run, sbatch, slurm_cluster, state,
-                        wait_for, wait_for_text, workdir)
+from slurmtools import (
+    DONE,
+    EPOCH_LINE,
+    SBATCH,
+    finish_requeued,
+    job_env,
+    only_run,
+    sbatch,
+    slurm_cluster,
+    wait_for,
+    wait_for_text,
+    workdir,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting a Slurm cluster needs root (CI runs as root)")
 
@@ -60,6 +71,9 @@ def test_sbatch_job_signalled_mid_run_requeues_resumes_and_matches(cluster, sbat
     log = (work / log_name).read_text()
     assert final == "COMPLETED", log[-4000:]
     assert "got SIGUSR2" in log and "stopped by signal 12" in log and "resuming from" in log
+    # the log reads as what happened: the workers' status, the script's requeue; no torchrun traceback
+    assert ": stopped by SIGUSR2 and passed it to the workers; local ranks 0-1 exited with status 3" in log
+    assert "stopped by a signal (trainer exit 3): requeueing job" in log and "Traceback" not in log
     assert "(restart 1)" in log
     assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(uninterrupted)  # each epoch once, same numbers
     r, steps = only_run(work)
@@ -115,8 +129,8 @@ def test_bad_sbatch_submissions_fail_clearly(cluster, tmp_path, case):
     job = p.stdout.strip()
     assert wait_for(cluster, job, DONE) == "FAILED"
     log = (tmp_path / f"cifar100-ddp-{job}.log").read_text()
-    assert error_lines(log) == [f"error: no prepared data in data/ (no manifest.json); run make prep-data on a "
-                                f"node with the data, or set DATA_DIR"]
+    assert error_lines(log) == [("error: no prepared data in data/ (no manifest.json); run make prep-data on a "
+                                 "node with the data, or set DATA_DIR")]
 
 
 @pytest.mark.parametrize("case", ["partition", "gpus", "no-data"])
