@@ -1,13 +1,12 @@
 """The manifest that vouches for a pair of betons, and its verification (used by data prep and by the trainer)."""
-import contextlib
-import hashlib
 import json
-import os
+import warnings
 from pathlib import Path
 
 from .cifar import DataError
+from .files import atomic_file, atomic_write_bytes, digest, fsync_dir  # noqa: F401 (public: the trainer uses them)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # readers must tolerate missing optional keys: mtime_ns, num_classes, *_present came later
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 
@@ -17,41 +16,7 @@ def beton_name(split: str) -> str:
 
 
 def sha256sum(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(4 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """Open a temporary file beside `path` for writing; on success fsync it, rename it to `path` and fsync the
-    directory. On failure the temporary file is removed: `path` is either the old file or the complete new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return digest(path, "sha256")
 
 
 def read_manifest(data_dir: Path) -> dict:
@@ -69,20 +34,31 @@ def read_manifest(data_dir: Path) -> dict:
     return m
 
 
-def verify(data_dir: Path, hash_files: bool = True) -> dict:
-    """Return the manifest after checking each beton's size and sha256 against it; raise DataError otherwise."""
+def verify(data_dir: Path, full: bool = False, *, hash_files: bool | None = None) -> dict:
+    """Return the manifest after checking each beton against it; raise DataError otherwise.
+
+    The quick check (full=False) trusts a beton whose size and mtime_ns are those recorded at prep; where the mtime
+    differs (copied, touched) or the manifest predates mtimes, it falls back to the sha256. full=True always hashes.
+    """
+    if hash_files is not None:
+        warnings.warn("verify(hash_files=…) is now verify(full=…)", DeprecationWarning, stacklevel=2)
+        full = hash_files
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
     for split in SPLITS:
-        entry = m["splits"][split]
-        path = data_dir / entry["file"]
+        try:
+            entry = m["splits"][split]
+            path, size, sha = data_dir / entry["file"], entry["bytes"], entry["sha256"]
+        except (KeyError, TypeError):
+            raise DataError(f"{data_dir / MANIFEST} lacks the {split} beton's file, bytes or sha256; "
+                            "rerun data prep with --force") from None
         if not path.is_file():
             raise DataError(f"{path} is missing but listed in {data_dir / MANIFEST}; rerun data prep with --force")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise DataError(f"{path} is {size} bytes, its manifest says {entry['bytes']} (truncated or replaced); "
-                            "rerun data prep with --force")
-        if hash_files and sha256sum(path) != entry["sha256"]:
+        st = path.stat()
+        if st.st_size != size:
+            raise DataError(f"{path} is {st.st_size} bytes, its manifest says {size} (truncated or "
+                            "replaced); rerun data prep with --force")
+        if (full or st.st_mtime_ns != entry.get("mtime_ns")) and sha256sum(path) != sha:
             raise DataError(f"{path} does not match the sha256 in {data_dir / MANIFEST} (corrupted or replaced); "
                             "rerun data prep with --force")
     return m
