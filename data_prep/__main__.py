@@ -1,20 +1,28 @@
 """python -m data_prep: CIFAR-100 (download, local archive/directory, or synthetic) → data/*.beton + manifest.json"""
 import argparse
+import math
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ddp_train.errors import ConfigError, JobError, report
+
 from . import cifar
 from .beton import write_dataset
 from .cifar import ARCHIVE_NAME, DataError
+from .files import digest, missing_dirs, writable
 from .manifest import MANIFEST, verify
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise ConfigError(f"{message}; see python -m data_prep --help")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m data_prep", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", default="download",
                    help=f"'download' (official archive, MD5-checked), 'synthetic', or a path to {ARCHIVE_NAME} "
                         "or its extracted directory")
@@ -31,27 +39,49 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check(args) -> None:
+    """Every flag, before anything is read or written: a ConfigError names the flag and a valid value."""
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+    for flag in ("synthetic_train", "synthetic_test"):
+        n = getattr(args, flag)
+        need(n >= 1, f"--{flag.replace('_', '-')} must be at least 1 image, got {n}")
+    need(args.synthetic_seed >= 0, f"--synthetic-seed must be 0 or more, got {args.synthetic_seed}")
+    need(math.isfinite(args.synthetic_noise) and args.synthetic_noise >= 0,
+         f"--synthetic-noise is a pixel standard deviation: 0 or more (e.g. 48), got {args.synthetic_noise}")
+    need(args.workers >= 1, f"--workers must be at least 1 writer process, got {args.workers}")
+    for flag, path in (("--out", args.out), ("--download-dir", args.download_dir)):
+        if path is not None and (flag == "--out" or args.source == "download"):
+            need(not path.exists() or path.is_dir(), f"{flag} {path} is a file; choose a directory")
+            above = missing_dirs(path)[-1].parent if not path.exists() else path
+            need(above.is_dir(), f"{flag} {path} cannot be created: {above} is a file; choose another directory")
+            need(writable(path), f"{flag} {path} is not a writable directory and cannot be created; choose one "
+                                 "this user can write (or fix its permissions)")
+    if args.source not in ("synthetic", "download"):
+        need(Path(args.source).exists(), f"--source {args.source}: no such file or directory; use 'download', "
+                                         f"'synthetic', or a path to {ARCHIVE_NAME} or its extracted directory")
+
+
 def request_of(args) -> dict:
     if args.source == "synthetic":
-        if args.synthetic_train < 1 or args.synthetic_test < 1:
-            raise DataError("--synthetic-train and --synthetic-test must be at least 1")
         return {"source": "synthetic", "train": args.synthetic_train, "test": args.synthetic_test,
                 "seed": args.synthetic_seed, "noise": args.synthetic_noise}
     if args.source == "download":
         return {"source": "download"}
-    path = Path(args.source)
-    if not path.exists():
-        raise DataError(f"--source {args.source}: no such file or directory; use 'download', 'synthetic', "
-                        f"or a path to {ARCHIVE_NAME} or its extracted directory")
-    return {"source": str(path.resolve()), "allow_custom": args.allow_custom}
+    return {"source": str(Path(args.source).resolve()), "allow_custom": args.allow_custom}
 
 
 def load(args, request: dict) -> cifar.Cifar100:
     if request["source"] == "synthetic":
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = cifar.synthetic_archive(Path(tmp) / ARCHIVE_NAME, args.synthetic_train, args.synthetic_test,
-                                              args.synthetic_seed, args.synthetic_noise)
-            ds = cifar.read_archive(archive, allow_custom=True)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                archive = cifar.synthetic_archive(Path(tmp) / ARCHIVE_NAME, args.synthetic_train,
+                                                  args.synthetic_test, args.synthetic_seed, args.synthetic_noise)
+                ds = cifar.read_archive(archive, allow_custom=True)
+        except OSError as e:
+            raise DataError(f"cannot write the synthetic archive under {tempfile.gettempdir()}: {e.strerror}; "
+                            "free space there or point TMPDIR elsewhere") from None
         ds.source = "synthetic"
         return ds
     if request["source"] == "download":
@@ -75,17 +105,18 @@ def up_to_date(out: Path, request: dict) -> bool:
         return False
     src = Path(request["source"])
     if src.is_file():  # a local archive may have been replaced under the same name
-        return m["source_checksum"] == f"md5:{cifar.md5sum(src)}"
+        return m["source_checksum"] == f"md5:{digest(src, 'md5')}"
     if src.is_dir():
         return m["source_checksum"] == cifar.read_directory(src, allow_custom=True).checksum
     return True
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C so that temporary files are removed; nothing half-written keeps a final name.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        args = parse_args(argv)
+        check(args)
         request = request_of(args)
         for stale in args.out.glob(".cifar100_*.tmp*"):
             stale.unlink()
@@ -97,9 +128,11 @@ def main(argv=None) -> int:
         print(f"read {len(ds.train.images)} train / {len(ds.test.images)} test images from {ds.source} "
               f"({ds.checksum}{', official' if ds.official else ', custom'})")
         m = write_dataset(ds, args.out, request, workers=args.workers)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except JobError as e:
+        return report(e)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written was kept, rerun to prepare the data", file=sys.stderr)
+        return 130
     print(f"wrote {args.out}/{MANIFEST}: train {m['splits']['train']['count']}, test {m['splits']['test']['count']} "
           f"images, verified by read-back, in {time.time() - t0:.1f} s")
     return 0
