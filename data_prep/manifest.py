@@ -1,6 +1,5 @@
 """The manifest that vouches for a pair of betons, and its verification (used by data prep and by the trainer)."""
 import json
-import warnings
 from pathlib import Path
 
 from .cifar import DataError
@@ -40,9 +39,8 @@ def verify(data_dir: Path, full: bool = False, *, hash_files: bool | None = None
     The quick check (full=False) trusts a beton whose size and mtime_ns are those recorded at prep; where the mtime
     differs (copied, touched) or the manifest predates mtimes, it falls back to the sha256. full=True always hashes.
     """
-    if hash_files is not None:
-        warnings.warn("verify(hash_files=…) is now verify(full=…)", DeprecationWarning, stacklevel=2)
-        full = hash_files
+    if hash_files is not None:  # the old name, kept for one release (slurm/submit.py); silent, as a warning would
+        full = hash_files       # add a line to CLIs whose stderr is one line
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
     for split in SPLITS:
