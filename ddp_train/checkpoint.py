@@ -7,6 +7,7 @@ manifest's sha256 and the MLflow run id. Loading falls back past a truncated che
 dataset to the previous fitting one; when checkpoints exist and none fits, the job stops — it never starts over on
 top of another run's files.
 """
+import io
 import re
 from pathlib import Path
 
@@ -40,10 +41,18 @@ def list_checkpoints(ckpt_dir: Path) -> list:
     return sorted(found, key=lambda p: tuple(map(int, PATTERN.match(p.name).groups())), reverse=True)
 
 
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a memory buffer into an atomic file: a full disk then raises OSError(ENOSPC) from the
+    write (torch's zip writer straight to the file reports it as a RuntimeError about its position instead)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_file(path) as f:
+        f.write(buf.getbuffer())
+
+
 def save(state: dict, path: Path, keep: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        torch.save({"version": VERSION, **state}, f)
+    save_atomic({"version": VERSION, **state}, path)
     for old in list_checkpoints(path.parent)[keep:]:
         old.unlink(missing_ok=True)
 

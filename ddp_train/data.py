@@ -68,6 +68,8 @@ def loaders(cfg, d):
             kind = "resident" if resident.fits(d.device, need) else "ffcv"
     per_rank_batch = cfg.batch_size // d.world_size
     if kind == "resident":
+        # FFCV's Loader sets torch's threads to its worker count; do the same so both loaders train alike
+        torch.set_num_threads(cfg.num_workers)
         return (resident.ResidentTrain(train_path, per_rank_batch, cfg.seed, d.device, d.rank, d.world_size,
                                        d.distributed),
                 resident.ResidentTest(test_path, cfg.eval_batch_size, d.device, d.rank, d.world_size), kind)

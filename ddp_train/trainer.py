@@ -25,7 +25,7 @@ from data_prep import manifest as manifest_lib
 
 from . import data, dist, report, rundir, step, tracking
 from .budget import Budget
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, save_atomic
 from .config import Config
 from .errors import EXIT_REQUEUE, JobError
 from .models import build_model
@@ -293,9 +293,8 @@ class Trainer:
         path = self.run_dir / "model.pt"
         metrics = self.history[-1] if self.history else {}
         try:
-            with manifest_lib.atomic_file(path) as f:
-                torch.save({"model": final.state_dict(), "config": self.cfg.public_dict(), "metrics": metrics,
-                            "fine_label_names": self.manifest["fine_label_names"]}, f)
+            save_atomic({"model": final.state_dict(), "config": self.cfg.public_dict(), "metrics": metrics,
+                         "fine_label_names": self.manifest["fine_label_names"]}, path)
         except OSError as e:
             raise JobError(f"cannot write the final model {path} ({e.strerror or e}); the final checkpoint "
                            f"{self.ckpt.last} is intact: free space and rerun with --run-name {self.run_name} to "
@@ -319,10 +318,12 @@ class Trainer:
         lost = exc is not None and dist.is_comm_failure(exc)
         if exc is not None:
             self.status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        if lost and self.d.rank == 1 and getattr(self, "run_id", None):
+            # rank 0 may be the one that died (SIGKILL, OOM): then only a survivor can end its MLflow run. Done
+            # while our handlers still hold SIGTERM, which torchrun sends the survivors at once.
+            tracking.mark_failed(self.run_id, self.tracking_uri)
         self._exit.close()
         if lost:
-            if self.d.rank == 1 and getattr(self, "run_id", None):  # rank 0 may be the one that died
-                tracking.mark_failed(self.run_id, self.tracking_uri)
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             then = (f"rerun with --run-name {self.run_name} (a requeued job does) to resume from the last checkpoint"
                     if self.ckpt.last else "no checkpoint was saved yet: rerun to start again") \

@@ -1,0 +1,210 @@
+"""The fault catalogue: each fault injected into real processes (torchrun, gloo, FFCV, MLflow), each ending with a
+clear status, one line, and nothing lost. README's fault table points here."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import TORCHRUN, error_lines, prep_synthetic, run
+
+FAST = ["--preset", "cpu-demo", "--width", "8", "--batch-size", "100", "--warmup-epochs", "0.5", "--loader", "resident"]
+
+
+def single(data_dir, *extra, cwd, env=None, **kw):
+    return run([sys.executable, "-m", "ddp_train", "--data-dir", data_dir, *FAST, *extra], cwd=cwd, env=env, **kw)
+
+
+def ddp(nproc, data_dir, *extra):
+    return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "ddp_train", "--data-dir", data_dir, *FAST,
+            *extra]
+
+
+def mlflow_runs(env, experiment="tests"):
+    from mlflow import MlflowClient
+    c = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name(experiment)
+    return c, (c.search_runs([exp.experiment_id]) if exp else [])
+
+
+def popen(cmd, cwd, env):
+    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env})
+
+
+def read_until(proc, prefix, out):
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting {prefix!r}:\n" + "".join(out)[-3000:])
+
+
+def worker(proc, rank: int) -> psutil.Process:
+    [w] = [w for w in psutil.Process(proc.pid).children() if w.environ().get("RANK") == str(rank)]
+    return w
+
+
+def files(path):
+    return {p: p.stat().st_mtime_ns for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_non_finite_loss_stops_every_rank_with_one_line_and_saves_nothing(synthetic_data, tmp_path, mlflow_env):
+    p = run(ddp(2, synthetic_data, "--lr", "1e6", "--epochs", "2", "--run-name", "nan"), cwd=tmp_path,
+            env=mlflow_env)
+    assert p.returncode == 1
+    [line] = [x for x in p.stdout.splitlines() + p.stderr.splitlines() if x.startswith("error:")]
+    assert "training loss is not finite (at epoch 0, step" in line and "no checkpoint was saved yet" in line
+    assert "--lr (1e+06)" in line
+    assert not (tmp_path / "runs" / "nan" / "model.pt").exists()
+    assert not (tmp_path / "runs" / "nan" / "checkpoints").exists()
+    c, [r] = mlflow_runs(mlflow_env)
+    assert r.info.status == "FAILED" and not c.search_logged_models([r.info.experiment_id])
+
+
+def test_a_failure_after_the_last_epoch_fails_the_run_and_a_rerun_exports(synthetic_data, tmp_path, mlflow_env):
+    """The final model cannot be written (its path is taken by a directory): one line, exit 1, MLflow run FAILED,
+    the final checkpoint intact. Fixed and rerun, the job continues from that checkpoint into the same MLflow run
+    and exports; a third run finds it finished and does nothing."""
+    blocker = tmp_path / "runs" / "e" / "model.pt"
+    blocker.mkdir(parents=True)
+    cmd = ddp(2, synthetic_data, "--epochs", "2", "--run-name", "e")
+    p = run(cmd, cwd=tmp_path, env=mlflow_env)
+    assert p.returncode == 1
+    [line] = error_lines(p.stderr)
+    assert f"cannot write the final model runs/e/model.pt" in line and "ckpt_e0002_s000000.pt is intact" in line
+    c, [r] = mlflow_runs(mlflow_env)
+    assert r.info.status == "FAILED"
+    blocker.rmdir()
+    p = run(cmd, cwd=tmp_path, env=mlflow_env, check=True)
+    assert "resuming from runs/e/checkpoints/ckpt_e0002_s000000.pt: epoch 2" in p.stdout
+    assert "(continued)" in p.stdout and not p.stdout.count("epoch 1 |")
+    c, [again] = mlflow_runs(mlflow_env)
+    assert again.info.run_id == r.info.run_id and again.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == [0, 1]
+    assert len(c.search_logged_models([r.info.experiment_id])) == 1
+    before = files(tmp_path / "runs" / "e")
+    p = run(cmd, cwd=tmp_path, env=mlflow_env, check=True)
+    assert "run e already finished (test top-1" in p.stdout and "choose a new --run-name" in p.stdout
+    assert files(tmp_path / "runs" / "e") == before
+    assert len(c.search_logged_models([r.info.experiment_id])) == 1  # not exported twice
+
+
+def test_another_config_or_dataset_never_takes_over_a_run(synthetic_data, tmp_path, mlflow_env):
+    """Same --run-name, one field changed, or the data re-prepared: refused in one line, the old run untouched."""
+    run(ddp(1, synthetic_data, "--epochs", "1", "--run-name", "r"), cwd=tmp_path, env=mlflow_env, check=True)
+    before = files(tmp_path / "runs" / "r")
+    for extra, why in [(["--epochs", "2"], "epochs 1 → 2"), (["--epochs", "1", "--seed", "1"], "seed 0 → 1")]:
+        p = single(synthetic_data, "--run-name", "r", *extra, cwd=tmp_path, env=mlflow_env)
+        assert p.returncode == 2 and error_lines(p.stderr) == [
+            f"error: {tmp_path / 'runs' / 'r'} holds a finished run that differs (the config differs: {why}); "
+            "choose a new --run-name"] or "runs/r holds" in p.stderr, p.stderr
+        assert why in p.stderr
+    data = tmp_path / "data"
+    prep_synthetic(data, seed=1)  # other content
+    p = single(data, "--epochs", "1", "--run-name", "r", cwd=tmp_path, env=mlflow_env)
+    assert p.returncode == 2 and "another dataset" in error_lines(p.stderr)[0]
+    assert files(tmp_path / "runs" / "r") == before
+    assert len(mlflow_runs(mlflow_env)[1]) == 1
+
+
+def test_a_second_live_process_on_a_run_directory_is_refused(synthetic_data, tmp_path):
+    first = popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *FAST, "--epochs", "3",
+                   "--run-name", "x", "--no-mlflow"], tmp_path, {})
+    out = []
+    read_until(first, "run x:", out)
+    p = single(synthetic_data, "--epochs", "3", "--run-name", "x", "--no-mlflow", cwd=tmp_path)
+    assert p.returncode == 2
+    [line] = error_lines(p.stderr)
+    assert f"run directory runs/x is in use by pid {first.pid} on" in line and "another --run-name" in line
+    rest, _ = first.communicate(timeout=300)
+    assert first.returncode == 0 and "epoch 2 |" in rest  # the live run was not disturbed
+
+
+def test_a_killed_rank_0_leaves_its_run_failed_not_running(synthetic_data, tmp_path, mlflow_env):
+    proc = popen(ddp(2, synthetic_data, "--epochs", "20", "--run-name", "k"), tmp_path, mlflow_env)
+    out = []
+    read_until(proc, "epoch 0 |", out)
+    worker(proc, 0).send_signal(signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert any("rank 1 lost its peers in epoch" in line for line in error_lines(rest)), rest[-3000:]
+    c, [r] = mlflow_runs(mlflow_env)
+    assert r.info.status == "FAILED"  # set by rank 1: rank 0 could not
+
+
+def test_a_stopped_rank_fails_the_others_within_the_dist_timeout(synthetic_data, tmp_path):
+    proc = popen(ddp(2, synthetic_data, "--epochs", "20", "--no-mlflow", "--dist-timeout", "15"), tmp_path, {})
+    out = []
+    read_until(proc, "epoch 0 |", out)
+    stopped = worker(proc, 1)
+    stopped.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        rest, _ = proc.communicate(timeout=240)
+    finally:
+        if stopped.is_running():
+            stopped.send_signal(signal.SIGKILL)
+    took = time.monotonic() - t0
+    [line] = [x for x in error_lines(rest) if "lost its peers" in x]
+    assert line.startswith("error: rank 0 lost its peers in epoch") and "--dist-timeout 15 s" in line
+    assert proc.returncode != 0 and took >= 15
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(synthetic_data, tmp_path, mlflow_env):
+    probe = tmp_path / "probe"
+    run(ddp(1, synthetic_data, "--epochs", "1", "--no-mlflow", "--out-dir", probe, "--run-name", "p"),
+        cwd=tmp_path, check=True)
+    size = next((probe / "p" / "checkpoints").iterdir()).stat().st_size
+    out = tmp_path / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6)}", "tmpfs", str(out)], check=True)
+    try:
+        p = run(ddp(2, synthetic_data, "--epochs", "3", "--out-dir", out, "--run-name", "f"), cwd=tmp_path,
+                env=mlflow_env)
+        assert p.returncode == 1
+        [line] = error_lines(p.stderr)
+        assert "cannot write checkpoint" in line and "No space left on device" in line, p.stderr
+        assert f"the previous checkpoint {out}/f/checkpoints/ckpt_e0001_s000000.pt is intact" in line
+        ckpts = sorted(p.name for p in (out / "f" / "checkpoints").iterdir())
+        assert ckpts == ["ckpt_e0001_s000000.pt"]  # no partial file left, the intact one kept
+        assert torch.load(out / "f" / "checkpoints" / ckpts[0], weights_only=False)["epoch"] == 1
+        assert mlflow_runs(mlflow_env)[1][0].info.status == "FAILED"
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
+def test_an_unusable_tracking_uri_never_stops_training(synthetic_data, tmp_path):
+    p = single(synthetic_data, "--epochs", "1", "--run-name", "u", "--tracking-uri", "not a uri", cwd=tmp_path,
+               check=True)
+    fallback = tmp_path / "runs" / "u" / "mlflow-fallback.db"
+    assert "warning: MLflow tracking URI not a uri unreachable" in p.stdout and str(fallback) in p.stdout
+    c, [r] = mlflow_runs({"MLFLOW_TRACKING_URI": f"sqlite:///{fallback}"}, "cifar100-ddp")
+    assert r.info.status == "FINISHED"
+
+
+def test_two_runs_started_at_once_on_a_new_sqlite_store(synthetic_data, tmp_path, mlflow_env):
+    procs = [popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *FAST, "--epochs", "1",
+                    "--no-system-metrics"], tmp_path, mlflow_env) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    _, runs = mlflow_runs(mlflow_env)
+    assert len(runs) == 2 and len({r.info.run_name for r in runs}) == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_an_unwritable_out_dir_is_found_before_anything_starts(synthetic_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for cmd in (["--check"], []):
+        p = single(synthetic_data, *cmd, "--out-dir", blocker / "runs", cwd=tmp_path)
+        assert p.returncode == 2 and error_lines(p.stderr) == [
+            f"error: --out-dir {blocker / 'runs'} is not a writable directory; choose one this job can write"]
+    assert not (tmp_path / "mlflow.db").exists()
