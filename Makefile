@@ -35,14 +35,38 @@ system-deps:
 	  fi; \
 	fi
 
+# Installs go through uv (UV_VERSION, put into .venv with pip unless uv is on PATH): the same pins as pip, faster (a
+# fresh venv in 34-153 s against pip's 170-369 s, measured on the 2-vCPU build machine). uv reads no pip configuration,
+# so it gets the package sources pip is configured with (pip.conf, PIP_* variables, e.g. a local wheel mirror) and
+# pip's pick of the best version across them; with none configured both use PyPI. USE_PIP=1 (or no uv): pip.
+UV_VERSION := 0.13.9
+USE_PIP ?=
+PIP_SOURCES = $(PY) -m pip config list 2>/dev/null \
+  | sed -nE "s/^(global|install|:env:)\.(index-url|extra-index-url|find-links|constraint)='(.*)'$$/\2 \3/p" \
+  | while read -r key values; do for v in $$values; do echo "--$$key=$$v"; done; done | awk '!seen[$$0]++'
+define install # $(call install,requirement): the project from its pins into .venv
+	@uv=$$(command -v uv || echo $(VENV)/bin/uv); \
+	if [ -z "$(USE_PIP)" ] && [ ! -x "$$uv" ] && ! $(PY) -m pip install -qq uv==$(UV_VERSION); then \
+	  echo "setup: uv $(UV_VERSION) could not be installed (above); installing with pip instead (slower)"; fi; \
+	if [ -z "$(USE_PIP)" ] && [ -x "$$uv" ]; then \
+	  echo "setup: uv pip install -e '$(1)'"; \
+	  "$$uv" pip install -q --python $(PY) --index-strategy unsafe-best-match $$($(PIP_SOURCES)) -e '$(1)'; \
+	else \
+	  echo "setup: pip install -e '$(1)'"; $(PY) -m pip install -q -e '$(1)'; \
+	fi
+endef
+
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(call install,.)
 	@touch $@
 
-setup: system-deps $(VENV)/.installed ## build .venv (and apt-install FFCV's system libraries when root)
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(call install,.[test])
+	@touch $@
+
+setup: system-deps $(VENV)/.installed ## build .venv with what training needs (and apt-install FFCV's system libraries when root)
 
 prep-data: setup ## write data/*.beton + manifest.json (SOURCE=download|synthetic|PATH, default download)
 	$(PY) -m data_prep --source $(or $(SOURCE),download) --out $(or $(DATA),$(if $(filter synthetic,$(SOURCE)),data/synthetic,data))
@@ -51,7 +75,7 @@ train: setup ## torchrun on all local GPUs (2 CPU processes and a small syntheti
 	$(PY) -m ddp_train.launch $(if $(SOURCE),--source $(SOURCE)) $(if $(DATA),--data-dir $(DATA)) \
 	  $(if $(NPROC),--nproc $(NPROC)) -- $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-test: setup ## run the test suite (CPU; real FFCV, torchrun and MLflow)
+test: setup $(VENV)/.installed-test ## add the test tools (pytest, ruff, hadolint, playwright) and run the test suite
 	$(PY) -m pytest -q tests
 
 mlflow-ui: setup ## MLflow UI on 127.0.0.1 (PORT=5000) over the default store ./mlflow.db
