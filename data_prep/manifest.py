@@ -33,14 +33,12 @@ def read_manifest(data_dir: Path) -> dict:
     return m
 
 
-def verify(data_dir: Path, full: bool = False, *, hash_files: bool | None = None) -> dict:
+def verify(data_dir: Path, full: bool = False) -> dict:
     """Return the manifest after checking each beton against it; raise DataError otherwise.
 
     The quick check (full=False) trusts a beton whose size and mtime_ns are those recorded at prep; where the mtime
     differs (copied, touched) or the manifest predates mtimes, it falls back to the sha256. full=True always hashes.
     """
-    if hash_files is not None:  # the old name, kept for one release (slurm/submit.py); silent, as a warning would
-        full = hash_files       # add a line to CLIs whose stderr is one line
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
     for split in SPLITS:

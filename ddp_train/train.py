@@ -12,10 +12,10 @@ and one Trainer (trainer.py) whose exit ends the run with the right status.
 """
 import math
 import os
-from pathlib import Path
 
 import yaml
 
+from data_prep import files
 from data_prep import manifest as manifest_lib
 
 from . import config as config_lib
@@ -27,22 +27,14 @@ from .rundir import RunFinished
 from .trainer import Trainer
 
 
-def writable(path: Path) -> bool:
-    """Whether `path` exists as a writable directory or could be created (its nearest existing ancestor is)."""
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
-
-
 def preflight(cfg: Config, d: dist.Dist) -> dict:
     """Everything that can be checked before a process group exists: config, data, output directory. → manifest"""
     cfg.validate(d.world_size)
     if cfg.sync_bn and d.device.type != "cuda":
         raise ConfigError("--sync-bn needs GPUs (gloo has no SyncBatchNorm); on CPU use --norm gn or drop it")
-    if not writable(cfg.out_dir):
+    if not files.writable(cfg.out_dir):
         raise ConfigError(f"--out-dir {cfg.out_dir} is not a writable directory; choose one this job can write")
-    manifest = manifest_lib.verify(cfg.data_dir)
+    manifest = manifest_lib.verify(cfg.data_dir, full=cfg.verify_data)
     count = manifest["splits"]["train"]["count"]
     per_rank = cfg.batch_size // d.world_size
     if math.ceil(count / d.world_size) < per_rank:  # each rank's share of the shuffled set, in whole batches

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     cfg = parse(args.trainer_args)
     try:
         cfg.validate(args.nodes * args.tasks_per_node)
-        verify(cfg.data_dir, False)  # the quick check, without hashing (hash_files=False, now full=False)
+        verify(cfg.data_dir)  # the quick check: size and mtime (the trainer checks again at start)
         make_log_dir(args.log_dir)
     except JobError as e:
         return report(e)

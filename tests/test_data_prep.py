@@ -199,8 +199,6 @@ def test_quick_verify_trusts_size_and_mtime_and_full_verify_hashes(prepared):
     verify(prepared)
     with pytest.raises(DataError, match="does not match the sha256"):
         verify(prepared, full=True)
-    with pytest.raises(DataError, match="sha256"):
-        verify(prepared, hash_files=True)  # the old keyword, kept for one release
     # a manifest from before mtimes were recorded: the quick check hashes
     m = json.loads((prepared / MANIFEST).read_text())
     del m["splits"]["test"]["mtime_ns"]
