@@ -208,3 +208,56 @@ def test_an_unwritable_out_dir_is_found_before_anything_starts(synthetic_data, t
         assert p.returncode == 2 and error_lines(p.stderr) == [
             f"error: --out-dir {blocker / 'runs'} is not a writable directory; choose one this job can write"]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def subset_archive(path, keep_fine: int, fine_names, coarse_names, coarse_of):
+    """The synthetic set cut to fine labels < keep_fine, written in the official format with the given names and
+    fine → coarse map (a custom dataset, as a user brings one)."""
+    import numpy as np
+
+    from data_prep import cifar
+    src = cifar.read_archive(cifar.synthetic_archive(path.with_suffix(".src.tar.gz"), 3000, 1000), allow_custom=True)
+    members = {}
+    for name, split in (("train", src.train), ("test", src.test)):
+        keep = split.fine < keep_fine
+        members[name] = {b"data": split.images[keep].transpose(0, 3, 1, 2).reshape(-1, 3072),
+                         b"fine_labels": split.fine[keep].tolist(),
+                         b"coarse_labels": [coarse_of[f] for f in split.fine[keep].tolist()]}
+    members["meta"] = {b"fine_label_names": [n.encode() for n in fine_names],
+                       b"coarse_label_names": [n.encode() for n in coarse_names]}
+    assert np.all(np.isin(members["test"][b"fine_labels"], range(keep_fine)))
+    return cifar.write_archive(path, members)
+
+
+def test_a_custom_dataset_with_fewer_classes_trains_end_to_end(tmp_path, mlflow_env):
+    """The official names, but only fine classes 0–9 (so 9 of the 20 superclasses): it crashed in the per-superclass
+    report after training, with the MLflow run left FINISHED. Metrics, tables and pictures cover what is there."""
+    from data_prep import cifar
+    archive = subset_archive(tmp_path / "sub.tar.gz", 10, cifar.FINE_NAMES, cifar.COARSE_NAMES,
+                             {f: cifar.FINE_TO_COARSE[f] for f in range(10)})
+    run([sys.executable, "-m", "data_prep", "--source", archive, "--allow-custom", "--out", tmp_path / "data"],
+        check=True)
+    p = run(ddp(2, tmp_path / "data", "--epochs", "2", "--batch-size", "50", "--run-name", "sub"), cwd=tmp_path,
+            env=mlflow_env, check=True)
+    assert "epoch 1 |" in p.stdout
+    present = sorted({cifar.COARSE_NAMES[cifar.FINE_TO_COARSE[f]] for f in range(10)})
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "sub" / "per_superclass.csv")))
+    assert sorted(r["superclass"] for r in rows) == present and len(present) == 9
+    c, [r] = mlflow_runs(mlflow_env)
+    assert r.info.status == "FINISHED"
+    assert {"learning_curves.png", "per_superclass.png", "per_superclass.csv"} <= {
+        a.path for a in c.list_artifacts(r.info.run_id)}
+
+
+def test_the_models_head_is_sized_from_the_manifest(tmp_path):
+    """A set with its own 6 fine classes in 2 superclasses: a 6-way model (top-5 of 6 is still a metric)."""
+    archive = subset_archive(tmp_path / "six.tar.gz", 6, [f"class{i}" for i in range(6)], ["even", "odd"],
+                             {f: f % 2 for f in range(6)})
+    run([sys.executable, "-m", "data_prep", "--source", archive, "--allow-custom", "--out", tmp_path / "data"],
+        check=True)
+    single(tmp_path / "data", "--epochs", "1", "--batch-size", "50", "--run-name", "six", "--no-mlflow",
+           cwd=tmp_path, check=True)
+    saved = torch.load(tmp_path / "runs" / "six" / "model.pt", weights_only=False)
+    assert saved["model"]["fc.weight"].shape[0] == 6 and saved["fine_label_names"][5] == "class5"
+    assert 0 <= saved["metrics"]["test_top5"] <= 100
