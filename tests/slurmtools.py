@@ -11,7 +11,7 @@ from conftest import ROOT, run
 CLUSTER = ROOT / "tests" / "cluster" / "slurm-cluster.sh"
 SBATCH = ROOT / "slurm" / "train.sbatch"
 VENV = Path(sys.executable).parent.parent
-EPOCH_LINE = re.compile(r"^epoch \d+ \|.*?%\)", re.M)  # the metrics of an epoch line, not its timings
+EPOCH_LINE = re.compile(r"^epoch \d+ \|.*?%\)", re.MULTILINE)  # the metrics of an epoch line, not its timings
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 

@@ -13,8 +13,22 @@ import psutil
 import pytest
 
 from conftest import error_lines, run
-from slurmtools import (CLUSTER, DONE, EPOCH_LINE, SBATCH, finish_requeued, job_env, only_run, release, sbatch,
-                        slurm_cluster, state, wait_for, wait_for_text, workdir)
+from slurmtools import (
+    CLUSTER,
+    DONE,
+    EPOCH_LINE,
+    SBATCH,
+    finish_requeued,
+    job_env,
+    only_run,
+    release,
+    sbatch,
+    slurm_cluster,
+    state,
+    wait_for,
+    wait_for_text,
+    workdir,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and Slurm need root (CI runs as root)")
 
@@ -104,7 +118,7 @@ def test_submitit_on_two_nodes_trains_exactly_like_one_node(cluster, jobs, synth
     assert p.returncode == 0, p.stdout + p.stderr
     job = re.search(r"submitted job (\d+) \(slurm\): 2 node\(s\) × 1 task\(s\)", p.stdout).group(1)
     assert metric_values(work) == metric_values(one)
-    r, steps = only_run(work)
+    r, _ = only_run(work)
     assert r.info.status == "FINISHED" and r.data.tags["slurm_job_id"] == job
     assert r.data.tags["slurm_job_nodelist"] == "node[1-2]" and r.data.tags["hostname"] == "node1"
     assert {"system/node1/cpu_utilization_percentage", "system/node2/cpu_utilization_percentage"} <= set(r.data.metrics)
