@@ -50,7 +50,7 @@ def worker_statuses() -> list:
 
 def ended(code: int) -> str:
     if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
+        return f"killed by {signal.Signals(-code).name if -code in signal.valid_signals() else f'signal {-code}'}"
     return f"exited with status {code}" + (f" ({MEANING[code]})" if code in MEANING else "")
 
 
