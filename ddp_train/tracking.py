@@ -75,6 +75,9 @@ class Tracker:
             warnings.simplefilter("ignore")
             import mlflow
         self.mlflow = mlflow
+        # MLflow prints "View run … at: <tracking URI>/#/…" as a run ends: with the credentials a URI may carry.
+        # The trainer prints the run's address itself, redacted.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = tracking_uri or mlflow.get_tracking_uri()
         self.remote = self.uri.startswith(("http://", "https://"))
         if self.remote:  # fail over in seconds, not after MLflow's minutes of retries with back-off
@@ -271,7 +274,7 @@ def environment_tags(world_size: int, device, manifest_checksum: str, manifest: 
     for env in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
         if env in os.environ:
             tags[env.lower()] = os.environ[env]
-    tags["command"] = " ".join(sys.argv)[:500]
+    tags["command"] = redact(" ".join(sys.argv))[:500]
     return tags
 
 

@@ -20,6 +20,7 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 EPOCHS = 4
 RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100",
           "--warmup-epochs", "0.5", "--num-workers", "2", "--system-metrics-interval", "1"]
+SECRET = "s3cret-T0KEN"
 EPOCH_LINE = re.compile(r"^epoch (\d+) \| .*? \| test ([\d.]+) %", re.M)
 
 
@@ -66,11 +67,14 @@ def server(tmp_path):
 
 @pytest.fixture(scope="module")
 def served_run(synthetic_data, tmp_path_factory):
-    """A real server and one short training job tracked on it."""
+    """A real server and one short training job tracked on it, through a URL that carries credentials (the server
+    has no authentication and ignores them; a real one behind a proxy would check them)."""
     work = tmp_path_factory.mktemp("served")
     srv = start_server(work / "server")
     try:
-        p = run(train_cmd(synthetic_data, srv["url"], "served-run"), cwd=work, check=True)
+        uri = srv["url"].replace("http://", f"http://alice:{SECRET}@")
+        p = run(train_cmd(synthetic_data, uri, "served-run"), cwd=work, check=True)
+        srv["work"] = work
         yield srv, p
     finally:
         stop_server(srv)
@@ -106,6 +110,22 @@ def test_rest_api_agrees_with_what_the_job_printed(served_run):
     hist = rest(server["url"], "metrics/get-history", run_id=found["info"]["run_id"], metric_key="test_top1")
     assert {m["step"]: round(m["value"], 2) for m in hist["metrics"]} == printed
     assert "unreachable" not in p.stdout
+
+
+def test_credentials_in_the_tracking_uri_are_stored_and_shown_nowhere(served_run):
+    """Params, tags, the job's output, the printed config, checkpoints, the final model, the run directory and the
+    server's whole store (database and artifacts) hold the URL only as http://***@…."""
+    server, p = served_run
+    c, [r] = runs_in(server["store"])
+    assert r.data.params["tracking_uri"] == f"http://***@{server['url'][7:]}"
+    assert SECRET not in p.stdout + p.stderr and "***@" in p.stdout
+    assert SECRET not in json.dumps([r.data.params, r.data.tags])
+    places = [server["work"] / "runs", server["work"] / "server"]
+    stored = [f for place in places for f in place.rglob("*") if f.is_file()]
+    assert any(f.name.startswith("ckpt_") for f in stored) and any(f.name == "model.pt" for f in stored)
+    assert any(f.suffix == ".db" for f in stored) and any(f.name == "MLmodel" for f in stored)
+    leaks = [str(f) for f in stored if SECRET.encode() in f.read_bytes()]
+    assert not leaks
 
 
 def test_unreachable_server_at_start_falls_back_locally_and_training_finishes(synthetic_data, tmp_path):
