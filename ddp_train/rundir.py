@@ -114,6 +114,9 @@ class RunDir:
         self._lock.truncate()
         self._lock.write(f"pid {ident['pid']} on {ident['host']} since {_now('%Y-%m-%d %H:%M:%S')}\n")
         self._lock.flush()
+        # temporary files of a writer that was killed mid-write (atomic writes never leave a partial final name)
+        for stale in [*self.path.glob(".*.tmp*"), *self.path.glob("checkpoints/.*.tmp*")]:
+            stale.unlink(missing_ok=True)
         self.info = read_info(self.path)
         if self.info.get("status") == "finished":
             why = resume_difference(self.info.get("config", {}), cfg.public_dict())

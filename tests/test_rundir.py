@@ -76,3 +76,22 @@ def test_a_finished_run_is_not_trained_or_exported_again(tmp_path):
     # a field a resume may change (e.g. where the data lives) does not make it another run
     with pytest.raises(rundir.RunFinished):
         rundir.RunDir(tmp_path, "r").open(cfg(tmp_path, run_name="r", data_dir="/elsewhere"), "sha", ident())
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_previous_one_in_use(tmp_path):
+    """A writer killed mid-write leaves only its temporary file (the final name appears by rename when complete);
+    the next holder of the run directory removes it, and loading uses the newest complete checkpoint."""
+    import torch
+
+    from ddp_train import checkpoint
+    c = cfg(tmp_path, run_name="r")
+    ckpts = tmp_path / "r" / "checkpoints"
+    state = {"model": {}, "config": c.public_dict(), "manifest_sha256": "sha", "world_size": 1, "step": 0}
+    checkpoint.save({**state, "epoch": 1}, checkpoint.path_for(ckpts, 1, 0), keep=3)
+    partial = ckpts / ".ckpt_e0002_s000000.pt.tmp4242"
+    partial.write_bytes(checkpoint.path_for(ckpts, 1, 0).read_bytes()[:1000])
+    rundir.RunDir(tmp_path, "r").open(c, "sha", ident()).close()
+    assert not partial.exists()
+    path, loaded, _ = checkpoint.load_latest(ckpts, c.public_dict(), "sha", 1)
+    assert path == checkpoint.path_for(ckpts, 1, 0) and loaded["epoch"] == 1
+    assert isinstance(torch.load(path, weights_only=False), dict)
