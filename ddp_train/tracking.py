@@ -1,27 +1,11 @@
 """MLflow tracking, on rank 0 only. Every call is guarded: tracking problems are reported, never fatal."""
 import os
-import platform
 import socket
-import subprocess
-import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .config import redact
-
-
-def git_state() -> dict:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if commit.returncode != 0:
-            return {}
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-        return {"git_commit": commit.stdout.strip(), "git_dirty": str(bool(dirty.stdout.strip())).lower()}
-    except (OSError, subprocess.SubprocessError):
-        return {}
 
 
 def _reason(e: Exception) -> str:
@@ -67,8 +51,10 @@ class Tracker:
         self.uri = None
         self.logged_epochs = set()
         self.finished = False
+        self.continued = False          # the run was started by an earlier attempt of this job
+        self.experiment_id = None
         self.fallback = None            # (reason, uri) once the run has moved to the local fallback store
-        self.journal = {"name": None, "params": {}, "tags": {}, "metrics": []}
+        self.journal = {"name": None, "params": {}, "tags": {}, "metrics": [], "inputs": []}
         if not enabled:
             return
         with warnings.catch_warnings():
@@ -124,6 +110,8 @@ class Tracker:
             self._create_run(self.journal["name"], self.journal["params"],
                              {**self.journal["tags"],
                               "fallback_from": f"{redact(self.journal.get('server'))} run {lost_run}"})
+            if self.journal["inputs"]:
+                self.client.log_inputs(self.run_id, datasets=self.journal["inputs"])
             for metrics, step in self.journal["metrics"]:
                 self._log_batch(metrics, step)
         except Exception as e:
@@ -144,7 +132,7 @@ class Tracker:
             exp = self.client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
+        self.run_id, self.experiment_id = run.info.run_id, exp_id
         from mlflow.entities import Param
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
@@ -166,9 +154,10 @@ class Tracker:
             if resume_run_id and self.client is not None:
                 try:
                     self.client.update_run(resume_run_id, status="RUNNING")
+                    self.experiment_id = self.client.get_run(resume_run_id).info.experiment_id
                     for k, v in tags.items():
                         self.client.set_tag(resume_run_id, k, v)
-                    self.run_id = resume_run_id
+                    self.run_id, self.continued = resume_run_id, True
                     self.logged_epochs = {m.step for m in self.client.get_metric_history(self.run_id, "test_top1")}
                     return
                 except Exception as e:
@@ -181,6 +170,15 @@ class Tracker:
         if self.run_id and not self.fallback:
             self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {redact(self.uri)}"
                      + (" (continued)" if resume_run_id == self.run_id else ""))
+
+    def log_inputs(self, make_inputs) -> None:
+        """The run's dataset inputs (`make_inputs()` → DatasetInputs), logged once: not again for a continued run."""
+        if self.run_id and not self.continued:
+            self._guard("log_inputs", lambda: self._log_inputs(make_inputs()), journaled=True)
+
+    def _log_inputs(self, inputs):
+        self.journal["inputs"] = inputs
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_epoch(self, metrics: dict, epoch: int) -> None:
         """Per-epoch metrics with step=epoch; an epoch the run already holds (re-run after a resume from an
@@ -225,6 +223,18 @@ class Tracker:
             self.journal["metrics"].append((dict(metrics), 0))
             self._guard("log_metrics", lambda: self._log_batch(metrics, 0), journaled=True)
 
+    def address(self) -> str:
+        """Where a person opens the run: its URL on a server; on a local store, the command that serves it."""
+        if not self.run_id:
+            return "not tracked (--no-mlflow)" if not self.enabled else "not tracked (see the warnings above)"
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if self.remote:
+            return f"{redact(self.uri).rstrip('/')}/{page}"
+        uri = self.uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
+        return f"mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000/{page}"
+
     def finish(self, status: str) -> None:
         """End the run with `status`, once; later calls do nothing."""
         if self.run_id and not self.finished:
@@ -247,35 +257,6 @@ def mark_failed(run_id: str, uri: str) -> None:
             client.set_terminated(run_id, "FAILED")
     except Exception:
         pass
-
-
-def environment_tags(world_size: int, device, manifest_checksum: str, manifest: dict) -> dict:
-    import torch
-    tags = {"world_size": str(world_size), "device_type": device.type, "hostname": socket.gethostname(),
-            "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "dataset_manifest_sha256": manifest_checksum, "dataset_source": str(manifest.get("source")),
-            "dataset_official": str(manifest.get("official")).lower()}
-    if device.type == "cuda":
-        tags["device_name"] = torch.cuda.get_device_name(device)
-        tags["device_count"] = str(torch.cuda.device_count())
-    else:
-        tags["device_name"] = platform.processor() or platform.machine()
-    try:
-        from importlib.metadata import version
-        tags["ffcv_version"] = version("ffcv")
-        tags["mlflow_version"] = version("mlflow")
-    except Exception:
-        pass
-    tags.update(git_state())
-    image = next((os.environ[v] for v in ("CONTAINER_IMAGE", "APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")
-                  if os.environ.get(v)), None)
-    if image:
-        tags["container_image"] = image
-    for env in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
-        if env in os.environ:
-            tags[env.lower()] = os.environ[env]
-    tags["command"] = redact(" ".join(sys.argv))[:500]
-    return tags
 
 
 class SystemMetrics:

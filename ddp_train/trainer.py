@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from data_prep import manifest as manifest_lib
 
-from . import data, dist, report, rundir, step, tracking
+from . import data, dist, report, run_info, rundir, step, tracking
 from .budget import Budget
 from .checkpoint import Checkpointer, save_atomic
 from .config import Config
@@ -106,8 +106,10 @@ class Trainer:
             self.tracker = tracking.Tracker(d.master and cfg.mlflow, cfg.tracking_uri, cfg.experiment,
                                             fallback_dir=self.run_dir, log=self.log)
             self._exit.callback(lambda: self.tracker.finish(self.status))
-            self.tracker.start(self.run_name, cfg.public_dict(), self._tags(manifest_sha),
+            counts = {f"{s}_images": self.manifest["splits"][s]["count"] for s in ("train", "test")}
+            self.tracker.start(self.run_name, {**cfg.public_dict(), **counts}, self._tags(manifest_sha),
                                resume_run_id=self.resume_run_id)
+            self.tracker.log_inputs(lambda: run_info.datasets(self.manifest, manifest_sha))
             dist.wait_for_master()
         self.run_id, self.tracking_uri = dist.broadcast_object((self.tracker.run_id, self.tracker.uri))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
@@ -150,7 +152,7 @@ class Trainer:
 
     def _tags(self, manifest_sha: str) -> dict:
         amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
-        return {**tracking.environment_tags(self.d.world_size, self.device, manifest_sha, self.manifest),
+        return {**run_info.tags(self.d.world_size, self.device, manifest_sha, self.manifest, self.run_dir),
                 "amp": amp, "loader": self.loader_kind}
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -244,6 +246,7 @@ class Trainer:
         """Record, log and print the epoch; checkpoint when due."""
         train_s, eval_s = train.pop("train_seconds"), test.pop("eval_seconds")
         self.per_superclass = test.pop("per_superclass")
+        test.pop("test_count")  # the same every epoch: logged once, as the param test_images
         metrics = {"train_loss": train["train_loss"], "train_top1": train["train_top1"], **test,
                    "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": train["images_per_s"],
                    "epoch_seconds": train_s + eval_s}
@@ -286,7 +289,22 @@ class Trainer:
             self.run.finished(self.history[-1] if self.history else {}, self.tracker.run_id)
             if self.tracker.errors:
                 self.log(f"warning: {self.tracker.errors} MLflow call(s) failed; see the warnings above")
+            self.log(self.summary(), flush=True)
         dist.wait_for_master()
+
+    def summary(self) -> str:
+        """The last lines of a run: the result, and where everything is, to copy from."""
+        m = self.history[-1] if self.history else {}
+        d = self.run_dir
+        result = (f"test top-1 {m['test_top1']:.2f} % (top-5 {m['test_top5']:.2f} %) after {len(self.history)} "
+                  "epochs" if m else "no epochs")
+        pictures = [p for p in ("learning_curves.png", "per_superclass.png", "per_superclass.csv") if (d / p).exists()]
+        return "\n".join([f"run {self.run_name} finished: {result}",
+                          f"  MLflow       {self.tracker.address()}",
+                          f"  model        {d / 'model.pt'}",
+                          f"  checkpoints  {self.ckpt.dir}/",
+                          f"  pictures     {d}/ {', '.join(pictures)}",
+                          f"  time budget  {d / 'time_budget.csv'}"])
 
     def _export(self) -> None:
         final = copy.deepcopy(self.model).cpu().float().to(memory_format=torch.contiguous_format).eval()

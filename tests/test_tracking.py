@@ -195,8 +195,13 @@ def test_ui_lists_the_run_and_renders_its_metric_charts(served_run, chromium, tm
             page.goto(f"{server['url']}/#/experiments/{exp_id}?workflowType=machine_learning")
             link = page.get_by_role("link", name="served-run")
             link.first.wait_for(timeout=60_000)                        # the runs table lists the run
+            # its Dataset and Source columns are filled from the run's dataset inputs and MLflow's system tags
+            page.get_by_text("synthetic CIFAR-100 train (").first.wait_for(timeout=30_000)
+            table = page.inner_text("body")
             page.screenshot(path=str(tmp_path / "runs.png"))
             link.first.click()
+            page.get_by_text("Trained by").first.wait_for(timeout=30_000)  # the run's overview and description
+            overview = page.inner_text("body")
             page.get_by_role("tab", name="Model metrics").click()
             page.wait_for_selector("svg.main-svg", timeout=60_000)     # plotly charts rendered
             charts = page.locator("svg.main-svg").count()
@@ -206,6 +211,11 @@ def test_ui_lists_the_run_and_renders_its_metric_charts(served_run, chromium, tm
             page.screenshot(path=str(tmp_path / "test_top1.png"))
         finally:
             browser.close()
+    header = table[table.index("Run Name"):]
+    assert header.index("Dataset") < header.index("Source") and "python -m ddp_train" in header
+    assert "synthetic CIFAR-100 test (" in header and "Training" in header and "Testing" in header
+    assert "Trained by python -m ddp_train" in overview and "--run-name served-run" in overview  # description
+    assert "synthetic CIFAR-100 train (" in overview[overview.index("Datasets"):]
     assert charts >= 4
     for shot in ("runs.png", "charts.png", "test_top1.png"):
         assert (tmp_path / shot).read_bytes()[:4] == b"\x89PNG"

@@ -21,7 +21,7 @@ EPOCHS = 5
 MIN_TEST_TOP1 = 30.0
 RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100", "--lr", "0.2",
           "--warmup-epochs", "0.5"]
-METRICS = ["train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "test_super_top1", "test_count", "lr",
+METRICS = ["train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "test_super_top1", "lr",
            "images_per_s", "epoch_seconds"]
 EPOCH_LINE = re.compile(r"^epoch (\d+) \| loss ([\d.]+) \| train ([\d.]+) % \| test ([\d.]+) % "
                         r"\(top-5 ([\d.]+) %, superclass ([\d.]+) %\)", re.M)
@@ -66,14 +66,25 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     for key in METRICS:
         hist = c.get_metric_history(r.info.run_id, key)
         assert sorted(m.step for m in hist) == list(range(EPOCHS)), key
-    assert c.get_metric_history(r.info.run_id, "test_count")[0].value == 1000
+    assert not c.get_metric_history(r.info.run_id, "test_count")  # constant: a param
+    assert r.data.params["test_images"] == "1000" and r.data.params["train_images"] == "2000"
     printed = EPOCH_LINE.findall(p.stdout)[-1]
     assert r.data.metrics["test_top1"] == pytest.approx(float(printed[3]), abs=0.005)
     t = r.data.tags
     assert t["world_size"] == "2" and t["device_type"] == "cpu" and t["hostname"]
     assert t["torch_version"].startswith("2.14.1") and t["ffcv_version"] == "1.0.2"
     assert t["dataset_manifest_sha256"] == manifest_checksum(synthetic_data) and t["dataset_source"] == "synthetic"
-    assert len(t["git_commit"]) == 40 and t["git_dirty"] in ("true", "false")
+    assert len(t["mlflow.source.git.commit"]) == 40 and t["git_dirty"] in ("true", "false")
+    # MLflow's own system tags fill the UI's Source, User and Description
+    assert t["mlflow.source.name"] == "python -m ddp_train" and t["mlflow.source.type"] == "LOCAL"
+    assert t["mlflow.user"] and "--run-name e2e" in t["mlflow.note.content"]
+    assert t["mlflow.note.content"].startswith("Trained by `python -m ddp_train --data-dir ")
+    # the two splits as dataset inputs, built from the manifest (the UI's Dataset column)
+    inputs = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs}
+    assert sorted(inputs) == ["testing", "training"]
+    assert inputs["training"].name == "synthetic CIFAR-100 train" and inputs["testing"].source_type == "code"
+    assert inputs["training"].digest == manifest_checksum(synthetic_data)[:16]
+    assert json.loads(inputs["testing"].profile)["num_rows"] == 1000
     assert t["container_image"] == "registry.example/cifar100-ddp:test"
     assert r.data.params["epochs"] == str(EPOCHS) and r.data.params["model"] == "resnet18"
     from ddp_train.config import Config
@@ -212,6 +223,7 @@ def test_a_signalled_run_checkpoints_resumes_and_ends_like_an_uninterrupted_one(
     assert r.info.status == "FINISHED"
     for key in METRICS:
         assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == list(range(EPOCHS)), key
+    assert len(r.inputs.dataset_inputs) == 2  # the resumed attempt did not log the datasets again
 
 
 @pytest.mark.parametrize("case", ["ok", "world-size", "no-data"])
