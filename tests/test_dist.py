@@ -31,9 +31,10 @@ def test_ddp_on_half_batches_equals_one_process_on_the_full_batch(tmp_path):
     assert diff < 1e-5, f"max parameter difference {diff}"
 
 
-def test_distributed_eval_counts_every_test_image_exactly_once(synthetic_data, tmp_path):
-    torchrun(3, HELPERS / "eval_shard.py", synthetic_data, tmp_path / "ws3.json", check=True)
-    run([sys.executable, HELPERS / "eval_shard.py", synthetic_data, tmp_path / "ws1.json"], check=True)
+@pytest.mark.parametrize("loader", ["ffcv", "resident"])
+def test_distributed_eval_counts_every_test_image_exactly_once(synthetic_data, tmp_path, loader):
+    torchrun(3, HELPERS / "eval_shard.py", synthetic_data, tmp_path / "ws3.json", loader, check=True)
+    run([sys.executable, HELPERS / "eval_shard.py", synthetic_data, tmp_path / "ws1.json", loader], check=True)
     ws3, ws1 = (json.loads((tmp_path / f).read_text()) for f in ("ws3.json", "ws1.json"))
     assert ws1["test_count"] == ws3["test_count"] == 1000   # 1000 % 3 != 0: no padding, no duplicates
     for k in ("test_top1", "test_top5", "test_super_top1", "per_superclass"):

@@ -54,7 +54,7 @@ def test_two_process_run_learns_and_prints_one_line_per_epoch(trained):
     assert [int(m[0]) for m in lines] == list(range(EPOCHS)), p.stdout  # rank 0 only: no duplicate lines
     assert float(lines[-1][3]) >= MIN_TEST_TOP1, p.stdout
     assert float(lines[-1][5]) >= float(lines[-1][3])  # superclass accuracy is at least fine accuracy here
-    assert "config:" in p.stdout and "2 × cpu (gloo)" in p.stdout
+    assert "config:" in p.stdout and "2 × cpu (gloo)" in p.stdout and "ffcv loader" in p.stdout
 
 
 def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_data):
@@ -197,11 +197,12 @@ def test_bad_data_and_setups_fail_in_one_line_with_nothing_written(synthetic_dat
 def test_a_signalled_run_checkpoints_resumes_and_ends_like_an_uninterrupted_one(trained, synthetic_data, tmp_path,
                                                                                  mlflow_env):
     """SIGUSR2 to torchrun (as Slurm's --signal does) → the ranks agree at a step boundary mid-epoch, rank 0
-    checkpoints, the job exits; the same command resumes. On CPU the result is bit-identical."""
+    checkpoints, the job exits; the same command resumes. On CPU the result is bit-identical — also across loaders:
+    this run uses the resident loader, the uninterrupted one FFCV's, and both serve the same batches."""
     trained_work, _, uninterrupted = trained
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--signals-to-handle",
            "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir", synthetic_data, *RECIPE,
-           "--run-name", "r"]
+           "--run-name", "r", "--loader", "resident"]
     env = {**__import__("os").environ, **mlflow_env, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = []
