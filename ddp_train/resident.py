@@ -5,8 +5,8 @@ pipeline, no JIT compilation, no worker threads, no host work per batch. The tra
 FFCV's `OrderOption.RANDOM` for the same seed and epoch (ffcv/traversal_order/random.py), so a run gives the same
 batches with either loader.
 
-FFCV's own Reader gives the metadata (fields, data pointers); the raw image bytes are copied out of a memory map.
-Only raw-mode RGBImageField images are supported, which is what data_prep writes.
+The beton's metadata (fields, data pointers) is read with numpy, without importing ffcv, and the raw image bytes
+are copied out of a memory map. Only raw-mode RGBImageField images are supported, which is what data_prep writes.
 """
 import math
 
@@ -20,19 +20,51 @@ RAW = 1  # ffcv.fields.rgb_image.IMAGE_MODES['raw']
 LABEL_BYTES = 8  # FFCV's IntDecoder yields int64
 
 
-def _reader(path: str):
-    threads = torch.get_num_threads()
-    from ffcv.reader import Reader  # the first import of ffcv sets torch's threads to 1 (its Compiler's default)
-    torch.set_num_threads(threads)  # a loader should not change them
-    return Reader(str(path))
+# The beton layout of FFCV 1.0.2 (ffcv/types.py, ffcv/fields/*.py): a header, one descriptor per field, one
+# metadata record per sample, then the data pages. Read with numpy alone: importing ffcv costs seconds (numba
+# compiles at import: 8.7 s of a 2-core machine's start-up, measured), which a loader that needs none of it should
+# not pay.
+_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+                    ("alloc_table_ptr", "<u8")], align=True)
+_FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+_FIELD_TYPES = {1: ("IntField", np.dtype("<i8")),
+                2: ("RGBImageField", np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"),
+                                               ("data_ptr", "<u8")]))}
+_VERSION = 2
+
+
+class _Beton:
+    """The field names, types and per-sample metadata of a beton (what ffcv.reader.Reader reads)."""
+
+    def __init__(self, path: str):
+        self.file_name = str(path)
+        header = np.fromfile(self.file_name, dtype=_HEADER, count=1)
+        if len(header) != 1 or header[0]["version"] != _VERSION:
+            raise DataError(f"{path}: not an FFCV {_VERSION} beton; re-prepare the data with "
+                            "`python -m data_prep --force`")
+        fields = np.fromfile(self.file_name, dtype=_FIELD, count=int(header[0]["num_fields"]),
+                             offset=_HEADER.itemsize)
+        self.field_names = [f["name"].tobytes().split(b"\0")[0].decode("ascii") for f in fields]
+        self.kinds = [_FIELD_TYPES.get(int(f["type_id"]), (f"type {int(f['type_id'])}", None)) for f in fields]
+        if any(dtype is None for _, dtype in self.kinds):
+            self.metadata = None  # a field this reader does not know: only its names are usable
+            return
+        record = np.dtype([("", dtype) for _, dtype in self.kinds], align=True)
+        self.metadata = np.fromfile(self.file_name, dtype=record, count=int(header[0]["num_samples"]),
+                                    offset=_HEADER.itemsize + fields.nbytes)
+
+
+def _reader(path: str) -> _Beton:
+    return _Beton(path)
 
 
 def _field(reader, name: str, kind: str) -> np.ndarray:
     """The per-sample metadata of field `name`, checked to be of FFCV type `kind` (a class name)."""
-    if name not in reader.field_names or type(reader.handlers[name]).__name__ != kind:
+    i = reader.field_names.index(name) if name in reader.field_names else None
+    if i is None or reader.kinds[i][0] != kind or reader.metadata is None:
         raise DataError(f"{reader.file_name}: no {kind} '{name}' (fields: {', '.join(reader.field_names)}); "
                         "re-prepare the data with `python -m data_prep --force`")
-    return reader.metadata[f"f{reader.field_names.index(name)}"]
+    return reader.metadata[f"f{i}"]
 
 
 def _image_meta(reader) -> tuple:

@@ -1,5 +1,7 @@
 """ddp_train.resident against the real FFCV loaders: the same bytes, the same batches, the same order."""
 import json
+import subprocess
+import sys
 import math
 
 import numpy as np
@@ -185,3 +187,19 @@ def test_on_the_gpu_the_same_batches_without_a_host_sync(train, synthetic_data):
     for (a, b), (x, y) in zip(train, got, strict=True):
         assert x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(a, x.cpu()) and torch.equal(b, y.cpu())
+
+
+def test_the_beton_header_is_read_as_ffcv_reads_it_without_importing_ffcv(synthetic_data):
+    """numba compiles at ffcv's import (seconds of start-up): the resident path reads the layout with numpy alone."""
+    code = ("import sys; from ddp_train import resident; "
+            f"b = resident._Beton('{synthetic_data}/cifar100_test.beton'); "
+            "print(b.field_names, len(b.metadata), 'ffcv' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['image',", "'fine_label',", "'coarse_label']", "1000", "False"]
+    from ffcv.reader import Reader
+    for split in ("train", "test"):
+        path = f"{synthetic_data}/cifar100_{split}.beton"
+        ours, theirs = resident._Beton(path), Reader(path)
+        assert ours.field_names == theirs.field_names
+        for i in range(3):
+            assert np.array_equal(ours.metadata[f"f{i}"], theirs.metadata[f"f{i}"])
