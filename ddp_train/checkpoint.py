@@ -104,19 +104,20 @@ class Checkpointer:
         self.last = None  # the newest complete checkpoint: named when something goes wrong
 
     def find(self, log=print):
-        """Rank 0: the checkpoint to continue from, or None for a fresh start; RunConflict when the directory holds
-        checkpoints this run cannot continue (another config or dataset, or --resume never)."""
+        """Rank 0: (path, state) of the checkpoint to continue from, or (None, None) for a fresh start; RunConflict
+        when the directory holds checkpoints this run cannot continue (another config or dataset, or --resume
+        never)."""
         if not list_checkpoints(self.dir):
-            return None
+            return None, None
         if self.cfg.resume == "never":
             raise RunConflict(f"{self.dir} already holds checkpoints and --resume never would overwrite them; choose "
                               "a new --run-name, or --resume auto to continue the run")
-        path, _, problems = load_latest(self.dir, self.public_config, self.manifest_sha, self.d.world_size, log)
+        path, state, problems = load_latest(self.dir, self.public_config, self.manifest_sha, self.d.world_size, log)
         if path is None:
             raise RunConflict(f"no checkpoint in {self.dir} can continue this run ({problems[0]}); rerun with that "
                               f"run's config and data to resume it, or choose a new --run-name")
         self.last = path
-        return path
+        return path, state
 
     def load(self, path) -> dict:
         """Every rank reads the checkpoint rank 0 chose (the run directory is on a shared filesystem)."""

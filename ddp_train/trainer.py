@@ -132,11 +132,12 @@ class Trainer:
         run = rundir.RunDir(self.cfg.out_dir, name)
         self._exit.callback(run.close)
         self.run = run.open(self.cfg, manifest_sha, ident)
-        path = Checkpointer(run.path, name, self.cfg, manifest_sha, self.d).find(self.log)
+        path, self._found = Checkpointer(run.path, name, self.cfg, manifest_sha, self.d).find(self.log)
         return name, path
 
     def _restore(self, path):
-        state = self.ckpt.load(path)
+        state = getattr(self, "_found", None) or self.ckpt.load(path)  # rank 0 read it already
+        self.ckpt.last, self._found = Path(path), None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
