@@ -118,6 +118,16 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     reached = [int(line[0]) for line in EPOCH_LINE.findall(p.stdout) if float(line[3]) >= 50]
     tta = c.get_metric_history(r.info.run_id, "time_to_top1_50")
     assert [m.step for m in tta] == reached[:1] and tta[0].value > 0
+    # the time budget: printed, a table artifact, and time_<phase>_s metrics that add up to the wall-clock
+    import csv as csv_lib
+    budget = {row["phase"]: float(row["seconds"]) for row in
+              csv_lib.DictReader(open(work / "runs" / "e2e" / "time_budget.csv"))}
+    assert {"startup", "loaders", "warmup", "training", "evaluation", "checkpoints", "export"} <= set(budget)
+    assert "time_budget.csv" in artifacts and "time budget (" in p.stdout
+    total = r.data.metrics["time_total_s"]
+    assert sum(budget.values()) == pytest.approx(total, rel=1e-3)
+    assert all(r.data.metrics[f"time_{k}_s"] == pytest.approx(v, abs=1e-3) for k, v in budget.items())
+    assert budget["training"] > 0 and budget["evaluation"] > 0 and budget["startup"] > 0
     saved = torch.load(work / "runs" / "e2e" / "model.pt")
     assert saved["metrics"]["test_top1"] == r.data.metrics["test_top1"]
     assert not list((work / "runs" / "e2e").glob(".*tmp*"))
