@@ -24,7 +24,8 @@ Variants for issue 8 (item 3: a faster step; item 6: DDP options), each with its
 - torch.compile of the model, modes reduce-overhead (CUDA graph trees) and max-autotune-no-cudagraphs; the
   Inductor caches live in TORCHINDUCTOR_CACHE_DIR, so a second run on the same machine shows the cached warm-up.
 - SGD foreach / fused (the trainer passes neither: PyTorch picks foreach on CUDA).
-- DDP gradient_as_bucket_view, static_graph, bucket_cap_mb=100 (the default is 25), and all three.
+- DDP gradient_as_bucket_view, static_graph, bucket_cap_mb=100 (the default is 25), all three, and
+  broadcast_buffers=False.
 A variant that fails is reported and the others still run; CUDA-only variants are listed as skipped on a CPU. On a
 machine without CUDA it runs a tiny smoke version on the CPU (numbers meaningless).
 """
@@ -92,6 +93,8 @@ VARIANTS = [
     Variant("bf16 cl DDP gradient_as_bucket_view", ddp=(("gradient_as_bucket_view", True),)),
     Variant("bf16 cl DDP static_graph", ddp=(("static_graph", True),)),
     Variant("bf16 cl DDP bucket_cap_mb=100", ddp=(("bucket_cap_mb", 100),)),
+    # BatchNorm buffers broadcast from rank 0 before every forward (the trainer broadcasts them before evaluation)
+    Variant("bf16 cl DDP broadcast_buffers=False", ddp=(("broadcast_buffers", False),)),
     Variant("bf16 cl DDP all three", ddp=(("gradient_as_bucket_view", True), ("static_graph", True),
                                           ("bucket_cap_mb", 100))),
 ]
@@ -246,6 +249,8 @@ def compile_cache_counters() -> dict:
 def run_variant(cfg, device, gen, batches, v: Variant, args, cuda) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    if v.compile:
+        torch._dynamo.reset()  # each compiled variant starts from nothing in memory (Inductor's disk caches stay)
     t0 = time.perf_counter()
     capture_s = None
     if v.graph:

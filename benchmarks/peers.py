@@ -27,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -322,6 +323,7 @@ def markdown(res: dict) -> str:
     cells = [f"**{t[k]['budget_total_s']:.1f}** (process wall measured outside: {t[k]['wall_s']:.1f})"
              if "budget" in t.get(k, {}) else "–" for k in ("resident", "ffcv")]
     budget.append(f"| total | {' | '.join(cells)} |")
+    head = textwrap.fill(head, 116, break_on_hyphens=False, break_long_words=False)
     return "\n".join([head, "", *rows, *budget])
 
 

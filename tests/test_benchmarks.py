@@ -61,7 +61,7 @@ def test_gpu_step_lists_its_variants_and_refuses_an_empty_selection():
     r = subprocess.run([sys.executable, "benchmarks/gpu_step.py", "--list", "--only", "DDP"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == 5 and "skipped here: DDP here runs over a one-rank NCCL group" in r.stdout
+    assert len(r.stdout.splitlines()) == 6 and "skipped here: DDP here runs over a one-rank NCCL group" in r.stdout
     r = subprocess.run([sys.executable, "benchmarks/gpu_step.py", "--only", "no such variant"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: no variant matches")
