@@ -13,8 +13,11 @@
 #   compile    gpu_step.py, torch.compile default and reduce-overhead, twice: the second run finds the Inductor
 #              caches of the first (TORCHINDUCTOR_CACHE_DIR)
 #   autotune   gpu_step.py, max-autotune-no-cudagraphs, twice likewise
-# PARTS="peers default40" runs a subset (a rerun). DRY_RUN=1 (any machine): checks each stage's arguments
-# (gpu_step.py --list, peers.py --plan) and prints its command; nothing is installed or measured.
+# Expected on one H100/H200 (estimated from earlier runs, not measured as a whole): ~550 s for all stages, so the
+# deadline usually cuts the last ones; a second call, on a fresh machine (a warm one goes back after 30 s idle),
+# finishes them: PARTS="compile autotune" DEADLINE=200 bash benchmarks/gpu_session.sh (timeout_s 300).
+# PARTS picks any subset. DRY_RUN=1 (any machine): checks each stage's arguments (gpu_step.py --list,
+# peers.py --plan) and prints its command; nothing is installed or measured.
 # $OUT gets summary.txt (also printed last), peers.md, peers.json and session.tar.gz (every log, JSON and time
 # budget, re-packed after each stage, so a session stopped at its limit still returns what it measured).
 set -uo pipefail
