@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         print(f"launch: {gpus} GPU(s) ({torch.cuda.get_device_name(0)}): {nproc} processes, the full recipe "
               f"(python -m ddp_train --help shows it), data from {data_dir}")
     else:
-        extra = ["--preset", "cpu-demo"] + extra
+        extra = ["--preset", "cpu-demo", *extra]
         print(f"launch: no GPU found — CPU demo: {nproc} gloo processes, preset cpu-demo (ResNet-18 at width 16, "
               f"4 epochs), {source} data in {data_dir}/. On GPUs the same command trains the full recipe.")
 

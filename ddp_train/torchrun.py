@@ -76,7 +76,7 @@ def outcomes(statuses: dict, word="rank") -> str:
 
 def failed_line(e: ChildFailedError) -> tuple[str, int]:
     first, _ = e.get_first_failure()
-    statuses = {r: e.failures[r].exitcode for r in [first] + sorted(set(e.failures) - {first})}
+    statuses = {r: e.failures[r].exitcode for r in [first, *sorted(set(e.failures) - {first})]}
     own = [code for code in statuses.values() if code > 0]  # exited by themselves: their errors are above
     return outcomes(statuses) + ("; the workers' errors are above" if own else ""), own[0] if own else EXIT_FAILED
 

@@ -113,7 +113,7 @@ def make_log_dir(path: Path) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ConfigError(f"--log-dir {path} cannot be written ({e.strerror}); choose another directory")
+        raise ConfigError(f"--log-dir {path} cannot be written ({e.strerror}); choose another directory") from None
 
 
 def main(argv=None) -> int:
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         from slurm.submit import TrainJob as Job  # pickled by reference, not as __main__.TrainJob
         with _stderr_to_devnull():  # sbatch's own complaint is repeated in our one line below
             job = executor.submit(Job(args.trainer_args))
-    except Exception as e:  # noqa: BLE001 — sbatch's refusal (unknown partition, too many GPUs…) in one line
+    except Exception as e:  # sbatch's refusal (unknown partition, too many GPUs…) in one line
         reason = " ".join(str(e).split())
         print(f"error: the job was not submitted: {reason[-400:]}", file=sys.stderr)
         return 1
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         return 0
     try:
         job.results()
-    except Exception as e:  # noqa: BLE001 — whatever failed the job, its line is in the logs
+    except Exception as e:
         # The trainer's own one-line reason, from any task's log; submitit's exception ends in a traceback.
         logs = sorted(job.paths.folder.glob(f"{job.job_id}_*_log.*"))
         reasons = [line[7:] for log in logs for line in log.read_text(errors="replace").splitlines()

@@ -36,8 +36,8 @@ SUBMIT = {  # case: (launcher flags, trainer flags, exit status, the one line)
     "bad trainer value": (CPU, [*RECIPE, "--lr", "-1"], 2, "error: --lr must be positive, got -1.0"),
     "batch vs world size": (CPU, [*RECIPE, "--batch-size", "101"], 2,
                             "error: --batch-size 101 is not divisible by the world size 2; use a multiple of 2"),
-    "unwritable log dir": ([*CPU, "--log-dir", "a-file/logs"], RECIPE, 2,
-                           "error: --log-dir a-file/logs cannot be written (Not a directory); choose another directory"),
+    "unwritable log dir": ([*CPU, "--log-dir", "a-file/logs"], RECIPE, 2, "error: --log-dir a-file/logs cannot be "
+                           "written (Not a directory); choose another directory"),
     "no data": (CPU, [*RECIPE, "--data-dir", "missing"], 1, ("error: no prepared data in missing/ (no manifest.json); "
                 "run `make prep-data` or `python -m data_prep --out missing --source …`")),
 }

@@ -85,7 +85,8 @@ def jobs(cluster, synthetic_data, tmp_path_factory):
 
 def test_nodes_have_their_own_addresses_and_hostnames_and_no_route_out(cluster):
     p = run(["srun", "--nodes=2", "--ntasks-per-node=1", "sh", "-c",
-             'echo "$(hostname) $(getent ahostsv4 "$(hostname)" | head -1 | cut -d" " -f1) $(ip route | grep -c ^default)"'],
+             'echo "$(hostname) $(getent ahostsv4 "$(hostname)" | head -1 | cut -d" " -f1)'
+             ' $(ip route | grep -c ^default)"'],
             env=cluster, check=True, timeout=60)
     assert sorted(p.stdout.split("\n")[:2]) == ["node1 10.123.0.11 0", "node2 10.123.0.12 0"]
 
@@ -154,7 +155,8 @@ def test_sbatch_refuses_a_first_node_that_others_cannot_reach(cluster, synthetic
         assert wait_for(cluster, job, DONE, timeout=60) == "FAILED"
     log = (work / f"cifar100-ddp-{job}.log").read_text()
     assert error_lines(log) == [{
-        "unresolvable": "error: first node 'node1' of the allocation does not resolve; fix DNS or /etc/hosts on the nodes",
+        "unresolvable": "error: first node 'node1' of the allocation does not resolve; fix DNS or /etc/hosts on the "
+                        "nodes",
         "loopback": "error: first node 'node1' resolves to loopback 127.0.1.1; other nodes could not reach it — fix "
                     "/etc/hosts"}[case]]
     assert "config:" not in log  # no worker started
