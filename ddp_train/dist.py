@@ -62,6 +62,22 @@ def check_rendezvous_address() -> None:
                         "/etc/hosts on the nodes, or set MASTER_ADDR to that node's address") from None
 
 
+def restart_store(timeout: datetime.timedelta):
+    """torchrun's store with this restart's keys only, or None where init_process_group's own store is safe.
+
+    torchrun's agent keeps one TCPStore for the whole job and hands it to every restarted worker group, so the keys
+    where gloo (and NCCL) publish each rank's address still hold the dead workers' addresses: a rank that reads its
+    peer's key before the new peer rewrites it connects to a closed port ("Gloo connectFullMesh failed ...
+    Connection refused") or waits out the timeout (pytorch/pytorch#135712). TORCHELASTIC_RESTART_COUNT is the same
+    on every rank only when one agent starts them all (one node); on several nodes, export
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 to torchrun instead: each restart then gets a new store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"ddp_train/restart_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def init(d: Dist, timeout_s: int) -> None:
     if d.distributed:
         check_rendezvous_address()
@@ -69,8 +85,10 @@ def init(d: Dist, timeout_s: int) -> None:
         torch.cuda.set_device(d.device)
     if d.distributed:
         backend = "nccl" if d.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=d.device if d.device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = restart_store(timeout)
+        dist.init_process_group(backend, timeout=timeout, device_id=d.device if d.device.type == "cuda" else None,
+                                **({"store": store, "rank": d.rank, "world_size": d.world_size} if store else {}))
         global _io_group  # every rank creates it, in the same order: new_group is collective
         _io_group = dist.new_group(backend="gloo",
                                    timeout=datetime.timedelta(seconds=max(timeout_s, MASTER_IO_TIMEOUT_S)))

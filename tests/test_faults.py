@@ -32,10 +32,29 @@ def mlflow_runs(env, experiment="tests"):
     return c, (c.search_runs([exp.experiment_id]) if exp else [])
 
 
+STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def no_strays():
+    """A test that fails while its job runs must not leave the job behind (torchrun's workers have sessions of
+    their own, and a hung group waits for its timeout)."""
+    yield
+    while STARTED:
+        try:
+            root = psutil.Process(STARTED.pop().pid)
+            for p in [*root.children(recursive=True), root]:
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def popen(cmd, cwd, env):
-    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, text=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env})
+    STARTED.append(proc)
+    return proc
 
 
 def read_until(proc, prefix, out):
@@ -261,3 +280,34 @@ def test_the_models_head_is_sized_from_the_manifest(tmp_path):
     saved = torch.load(tmp_path / "runs" / "six" / "model.pt", weights_only=False)
     assert saved["model"]["fc.weight"].shape[0] == 6 and saved["fine_label_names"][5] == "class5"
     assert 0 <= saved["metrics"]["test_top5"] <= 100
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(synthetic_data, tmp_path,
+                                                                                mlflow_env):
+    """torchrun --max-restarts=1, no Slurm, default run name: a worker SIGKILLed mid-epoch 1 and one at the start
+    of epoch 2's evaluation; the group restarts, finds its own run (TORCHELASTIC_RUN_ID), resumes from the last
+    checkpoint into the same MLflow run, logs each epoch once and ends with the uninterrupted run's metrics."""
+    epochs = ["--epochs", "3", "--no-system-metrics"]
+    plain = run(ddp(2, synthetic_data, *epochs, "--no-mlflow", "--out-dir", tmp_path / "plain"), cwd=tmp_path,
+                check=True)
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "ddp_train", "--data-dir",
+           synthetic_data, *FAST, *epochs]
+    proc = popen(cmd, tmp_path, mlflow_env)
+    out = []
+    read_until(proc, "epoch 0 |", out)
+    time.sleep(1.0)  # into epoch 1
+    worker(proc, 1).send_signal(signal.SIGKILL)
+    read_until(proc, "resuming from", out)
+    read_until(proc, "epoch 1 |", out)
+    worker(proc, 0).send_signal(signal.SIGKILL)  # right after epoch 1's line: while its checkpoint is written
+    rest, _ = proc.communicate(timeout=600)
+    text = "".join(out) + rest
+    assert proc.returncode == 0, text[-4000:]
+    assert text.count("resuming from") == 2
+    lines = [line for line in text.splitlines() if line.startswith("epoch ")]
+    final = [line for line in lines if line.startswith("epoch 2 |")][-1]
+    expected = [line for line in plain.stdout.splitlines() if line.startswith("epoch 2 |")][0]
+    assert final.split(" | ")[:4] == expected.split(" | ")[:4]  # loss, train and test accuracy: identical
+    c, [r] = mlflow_runs(mlflow_env, "tests")
+    assert r.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == [0, 1, 2]
