@@ -12,6 +12,7 @@ and one Trainer (trainer.py) whose exit ends the run with the right status.
 """
 import math
 import os
+import sys
 
 import yaml
 
@@ -64,6 +65,11 @@ def main(argv=None) -> int:
                 return trainer.train()
         finally:
             dist.cleanup()
+    except KeyboardInterrupt:  # Ctrl-C: the MLflow run ended KILLED on the way out; the checkpoints stay
+        if d.local_rank == 0:
+            print("error: interrupted (Ctrl-C); the MLflow run ends KILLED and the checkpoints stay: rerun with the "
+                  "run's --run-name to resume", file=sys.stderr, flush=True)
+        return 130
     except RunFinished as e:
         if d.master:
             print(e, flush=True)

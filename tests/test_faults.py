@@ -311,3 +311,17 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     c, [r] = mlflow_runs(mlflow_env, "tests")
     assert r.info.status == "FINISHED"
     assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == [0, 1, 2]
+
+
+def test_ctrl_c_ends_the_run_killed_in_one_line(synthetic_data, tmp_path, mlflow_env):
+    proc = popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *FAST, "--epochs", "20",
+                  "--run-name", "c"], tmp_path, mlflow_env)
+    out = []
+    read_until(proc, "epoch 1 |", out)  # epoch 0's checkpoint is written
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in rest, rest[-3000:]
+    assert error_lines(rest) == ["error: interrupted (Ctrl-C); the MLflow run ends KILLED and the checkpoints "
+                                 "stay: rerun with the run's --run-name to resume"]
+    assert mlflow_runs(mlflow_env)[1][0].info.status == "KILLED"
+    assert (tmp_path / "runs" / "c" / "checkpoints" / "ckpt_e0001_s000000.pt").exists()
