@@ -32,7 +32,7 @@ def _reporting(work_fn, errors, *args):
     """A writer process: on failure, send the reason to the parent instead of printing a traceback."""
     try:
         work_fn(*args)
-    except Exception as e:  # noqa: BLE001 (whatever it is, the parent must hear why)
+    except Exception as e:
         errors.put((getattr(e, "errno", None), getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
@@ -163,7 +163,7 @@ def _manifest(ds: Cifar100, request: dict, splits: dict) -> dict:
     nf, nc = len(ds.fine_names), len(ds.coarse_names)
     fine_to_coarse = [-1] * nf  # -1: a fine class in neither split
     for s in (ds.train, ds.test):
-        for f, c in set(zip(s.fine.tolist(), s.coarse.tolist())):
+        for f, c in set(zip(s.fine.tolist(), s.coarse.tolist(), strict=True)):
             fine_to_coarse[f] = c
     return {
         "format_version": FORMAT_VERSION,

@@ -117,7 +117,8 @@ class Config:
         try:
             thresholds = self.thresholds()
         except ValueError:
-            raise ConfigError(f"--tta-thresholds must be comma-separated numbers, got {self.tta_thresholds!r}")
+            raise ConfigError(f"--tta-thresholds must be comma-separated numbers, got {self.tta_thresholds!r}") \
+                from None
         if any(not 0 < t <= 100 for t in thresholds):
             raise ConfigError(f"--tta-thresholds must lie in (0, 100], got {self.tta_thresholds!r}")
         if self.sync_bn and self.norm != "bn":
@@ -173,11 +174,11 @@ def redact(text: str) -> str:
 # Named recipes; a preset sets these fields, the config file and flags still override them.
 PRESETS = {
     # The 2018 single-process trainer this project started from: 62.7% test top-1 after 70 epochs.
-    "seed2018": dict(model="seed2018", epochs=70, batch_size=256, lr=0.01, momentum=0.9, nesterov=False,
-                     weight_decay=1e-5, label_smoothing=0.0, schedule="constant", translate=4, cutout=0),
+    "seed2018": {"model": "seed2018", "epochs": 70, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "nesterov": False,
+                 "weight_decay": 1e-5, "label_smoothing": 0.0, "schedule": "constant", "translate": 4, "cutout": 0},
     # What `make train` runs on a machine without a GPU: a narrow ResNet-18 on the synthetic set, a few minutes.
-    "cpu-demo": dict(width=16, epochs=4, batch_size=256, lr=0.2, warmup_epochs=1.0, num_workers=1,
-                     eval_batch_size=500),
+    "cpu-demo": {"width": 16, "epochs": 4, "batch_size": 256, "lr": 0.2, "warmup_epochs": 1.0, "num_workers": 1,
+                 "eval_batch_size": 500},
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the config (for WORLD_SIZE) and the data, then "
                    "exit without training; launchers run it before they allocate workers")
     for f in FIELDS.values():
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})", dest=f.name)
+        kw = {"help": f"{f.metadata['help']} (default: {f.default!r})", "dest": f.name}
         if f.type is bool:
             p.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -239,7 +240,8 @@ def load_file(path: Path) -> dict:
         else:
             raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})")
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})") \
+            from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of field: value")
     return {k.replace("-", "_"): v for k, v in raw.items()}

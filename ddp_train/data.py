@@ -77,7 +77,7 @@ def loaders(cfg, d):
             test_loader(cfg.data_dir, cfg.eval_batch_size, cfg.num_workers, d.rank, d.world_size, d.device), kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mean_std(device: torch.device):
     # made once per device: a fresh tensor per batch would be a host→device copy (and a GPU sync) every step
     return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,

@@ -38,7 +38,7 @@ def per_superclass(counts: dict, names: list, csv_path: Path, png_path: Path) ->
     lack some), as a CSV and a bar chart."""
     rows = [{"superclass": name, "images": n, "top1": round(100 * counts["top1_hits"][i] / n, 2),
              "superclass_top1": round(100 * counts["super_top1_hits"][i] / n, 2)}
-            for i, (name, n) in enumerate(zip(names, counts["images"])) if n]
+            for i, (name, n) in enumerate(zip(names, counts["images"], strict=True)) if n]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -98,7 +98,7 @@ class RunDir:
     def open(self, cfg: Config, manifest_sha: str, ident: dict) -> "RunDir":
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.path / ".lock", "a+")
+            self._lock = open(self.path / ".lock", "a+")  # noqa: SIM115  (held open: the flock lives with it)
         except OSError as e:
             raise JobError(f"cannot create the run directory {self.path} ({e.strerror}); choose a writable "
                            "--out-dir") from None

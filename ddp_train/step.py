@@ -106,4 +106,4 @@ def evaluate(model, loader, device, amp_dtype, fine_to_coarse: torch.Tensor, num
     return {"test_loss": loss / images, "test_top1": 100 * top1 / images, "test_top5": 100 * top5 / images,
             "test_super_top1": 100 * sup / images, "test_count": int(images),
             "per_superclass": {k: [int(v) for v in row] for k, row in
-                               zip(("images", "top1_hits", "super_top1_hits"), by_super.tolist())}}
+                               zip(("images", "top1_hits", "super_top1_hits"), by_super.tolist(), strict=True)}}

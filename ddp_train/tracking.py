@@ -43,7 +43,7 @@ class Tracker:
     in the run directory, replays the journal into a new run there, names it in the log, and carries on there.
     """
 
-    def __init__(self, enabled: bool, tracking_uri: str, experiment: str, fallback_dir: Path = None, log=print):
+    def __init__(self, enabled: bool, tracking_uri: str, experiment: str, fallback_dir: Path | None = None, log=print):
         self.enabled = enabled
         self.log = log
         self.errors = 0
@@ -138,12 +138,13 @@ class Tracker:
 
     def _log_batch(self, metrics: dict, step: int, synchronous: bool = True):
         import time
+
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
                               synchronous=synchronous)
 
-    def start(self, run_name: str, params: dict, tags: dict, resume_run_id: str = None) -> None:
+    def start(self, run_name: str, params: dict, tags: dict, resume_run_id: str | None = None) -> None:
         """A new run, or — for a resumed job — the run its checkpoint names, continued (same run id)."""
         if not self.enabled:
             return

@@ -20,7 +20,8 @@ def run(cmd, cwd=None, env=None, timeout=600, check=False):
     p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True,
                        timeout=timeout)
     if check:
-        assert p.returncode == 0, f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+        assert p.returncode == 0, (f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n"
+                                   f"{p.stderr[-4000:]}")
     return p
 
 

@@ -30,7 +30,7 @@ def test_falls_back_past_truncated_foreign_and_mismatched_checkpoints(tmp_path):
     newest = checkpoint.path_for(tmp_path, 4, 0)
     newest.write_bytes(newest.read_bytes()[:200])  # truncated
     cfg = {**CFG, "num_workers": 8}  # a mutable field may change
-    path, st, problems = checkpoint.load_latest(tmp_path, cfg, "abc", world_size=2, log=logs.append)
+    path, st, _ = checkpoint.load_latest(tmp_path, cfg, "abc", world_size=2, log=logs.append)
     assert path == checkpoint.path_for(tmp_path, 1, 0) and st["model"]["w"][0] == 1.0
     assert len(logs) == 4
     assert "unreadable" in logs[0] and "mid-epoch with world size 4" in logs[1]

@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from conftest import error_lines, run
 from ddp_train.config import PRESETS, Config, parse
+
+from conftest import error_lines, run
 
 
 def test_every_field_is_a_flag_with_its_default_in_help():

@@ -1,6 +1,5 @@
 """ddp_train.data: the on-device augmentation and the loaders' sharding."""
 import numpy as np
-import pytest
 import torch
 
 from ddp_train import data

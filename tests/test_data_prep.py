@@ -65,7 +65,7 @@ def test_synthetic_is_in_the_official_pickle_layout(tmp_path):
     ds = cifar.read_archive(archive, allow_custom=True)
     assert ds.train.images.shape == (30, 32, 32, 3) and ds.test.images.shape == (20, 32, 32, 3)
     # superclasses follow the official fine → coarse mapping
-    assert all(cifar.FINE_TO_COARSE[f] == c for f, c in zip(ds.train.fine, ds.train.coarse))
+    assert all(cifar.FINE_TO_COARSE[f] == c for f, c in zip(ds.train.fine, ds.train.coarse, strict=True))
     assert sorted(os.listdir(tmp_path)) == ["a.tar.gz"]  # written through a temporary name, renamed when complete
 
 
@@ -81,7 +81,7 @@ def test_a_custom_set_with_fewer_classes_prepares(tmp_path):
     prep("--source", archive, "--out", out, "--allow-custom", check=True)
     m = verify(out, full=True)
     assert (m["num_classes"], m["num_superclasses"]) == (10, 3)
-    assert m["fine_to_coarse"] == fine_to_coarse[:9] + [-1]
+    assert m["fine_to_coarse"] == [*fine_to_coarse[:9], -1]
     assert m["fields"]["fine_label"] == "IntField 0..9" and m["fields"]["coarse_label"] == "IntField 0..2"
     train_m, test_m = m["splits"]["train"], m["splits"]["test"]
     assert train_m["fine_present"] == list(range(9)) and train_m["coarse_present"] == [0, 1, 2]

@@ -174,8 +174,8 @@ def test_out_on_a_read_only_filesystem(tmp_path, exists):
 def test_a_full_disk_fails_in_one_line_and_leaves_nothing(tmp_path, size, train, test):
     """ENOSPC in FFCV's writer processes: 5000 images are several chunks, so both workers hold pages when one fails
     (FFCV's own wait then hung with the other worker spinning). Exactly one line on stderr also means no traceback
-    from a worker and no leaked-shared-memory warning from the resource tracker. In the second case the train beton fits and the test
-    beton does not: the train beton goes too, since without a manifest it is not data."""
+    from a worker and no leaked-shared-memory warning from the resource tracker. In the second case the train beton
+    fits and the test beton does not: the train beton goes too, since without a manifest it is not data."""
     if os.geteuid() != 0:
         pytest.skip(ROOT_ONLY)
     with tmpfs(tmp_path / "small", f"size={size}") as fs:

@@ -1,7 +1,6 @@
 """The fault catalogue: each fault injected into real processes (torchrun, gloo, FFCV, MLflow), each ending with a
 clear status, one line, and nothing lost. README's fault table points here."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -97,7 +96,7 @@ def test_a_failure_after_the_last_epoch_fails_the_run_and_a_rerun_exports(synthe
     p = run(cmd, cwd=tmp_path, env=mlflow_env)
     assert p.returncode == 1
     [line] = error_lines(p.stderr)
-    assert f"cannot write the final model runs/e/model.pt" in line and "ckpt_e0002_s000000.pt is intact" in line
+    assert "cannot write the final model runs/e/model.pt" in line and "ckpt_e0002_s000000.pt is intact" in line
     c, [r] = mlflow_runs(mlflow_env)
     assert r.info.status == "FAILED"
     blocker.rmdir()
@@ -121,9 +120,9 @@ def test_another_config_or_dataset_never_takes_over_a_run(synthetic_data, tmp_pa
     before = files(tmp_path / "runs" / "r")
     for extra, why in [(["--epochs", "2"], "epochs 1 → 2"), (["--epochs", "1", "--seed", "1"], "seed 0 → 1")]:
         p = single(synthetic_data, "--run-name", "r", *extra, cwd=tmp_path, env=mlflow_env)
-        assert p.returncode == 2 and error_lines(p.stderr) == [
+        assert (p.returncode == 2 and error_lines(p.stderr) == [
             f"error: {tmp_path / 'runs' / 'r'} holds a finished run that differs (the config differs: {why}); "
-            "choose a new --run-name"] or "runs/r holds" in p.stderr, p.stderr
+            "choose a new --run-name"]) or "runs/r holds" in p.stderr, p.stderr
         assert why in p.stderr
     data = tmp_path / "data"
     prep_synthetic(data, seed=1)  # other content
@@ -154,7 +153,7 @@ def test_a_killed_rank_0_leaves_its_run_failed_not_running(synthetic_data, tmp_p
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert any("rank 1 lost its peers in epoch" in line for line in error_lines(rest)), rest[-3000:]
-    c, [r] = mlflow_runs(mlflow_env)
+    _, [r] = mlflow_runs(mlflow_env)
     assert r.info.status == "FAILED"  # set by rank 1: rank 0 could not
 
 
@@ -205,7 +204,7 @@ def test_an_unusable_tracking_uri_never_stops_training(synthetic_data, tmp_path)
                check=True)
     fallback = tmp_path / "runs" / "u" / "mlflow-fallback.db"
     assert "warning: MLflow tracking URI not a uri unreachable" in p.stdout and str(fallback) in p.stdout
-    c, [r] = mlflow_runs({"MLFLOW_TRACKING_URI": f"sqlite:///{fallback}"}, "cifar100-ddp")
+    _, [r] = mlflow_runs({"MLFLOW_TRACKING_URI": f"sqlite:///{fallback}"}, "cifar100-ddp")
     assert r.info.status == "FINISHED"
 
 
@@ -261,7 +260,7 @@ def test_a_custom_dataset_with_fewer_classes_trains_end_to_end(tmp_path, mlflow_
     assert "epoch 1 |" in p.stdout
     present = sorted({cifar.COARSE_NAMES[cifar.FINE_TO_COARSE[f]] for f in range(10)})
     import csv
-    rows = list(csv.DictReader(open(tmp_path / "runs" / "sub" / "per_superclass.csv")))
+    rows = list(csv.DictReader((tmp_path / "runs" / "sub" / "per_superclass.csv").read_text().splitlines()))
     assert sorted(r["superclass"] for r in rows) == present and len(present) == 9
     c, [r] = mlflow_runs(mlflow_env)
     assert r.info.status == "FINISHED"
@@ -306,7 +305,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     assert text.count("resuming from") == 2
     lines = [line for line in text.splitlines() if line.startswith("epoch ")]
     final = [line for line in lines if line.startswith("epoch 2 |")][-1]
-    expected = [line for line in plain.stdout.splitlines() if line.startswith("epoch 2 |")][0]
+    expected = next(line for line in plain.stdout.splitlines() if line.startswith("epoch 2 |"))
     assert final.split(" | ")[:4] == expected.split(" | ")[:4]  # loss, train and test accuracy: identical
     c, [r] = mlflow_runs(mlflow_env, "tests")
     assert r.info.status == "FINISHED"

@@ -1,18 +1,19 @@
 """ddp_train.resident against the real FFCV loaders: the same bytes, the same batches, the same order."""
 import json
+import math
 import subprocess
 import sys
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TORCHRUN, run
 from data_prep import manifest as manifest_lib
 from data_prep.beton import read_beton
 from data_prep.cifar import DataError
 from ddp_train import data, errors, resident
+
+from conftest import ROOT, TORCHRUN, run
 
 CPU = torch.device("cpu")
 SEED = 5

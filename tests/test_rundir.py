@@ -69,7 +69,8 @@ def test_a_finished_run_is_not_trained_or_exported_again(tmp_path):
     run.close()
     with pytest.raises(rundir.RunFinished, match=r"already finished \(test top-1 61.50 %\)"):
         rundir.RunDir(tmp_path, "r").open(c, "sha", ident())
-    with pytest.raises(rundir.RunConflict, match=r"finished run that differs \(the config differs: seed 0 → 1\); choose a new --run-name"):
+    with pytest.raises(rundir.RunConflict,
+                       match=r"finished run that differs \(the config differs: seed 0 → 1\); choose a new --run-name"):
         rundir.RunDir(tmp_path, "r").open(cfg(tmp_path, run_name="r", seed=1), "sha", ident())
     with pytest.raises(rundir.RunConflict, match="another dataset"):
         rundir.RunDir(tmp_path, "r").open(c, "other", ident())

@@ -116,7 +116,7 @@ def test_credentials_in_the_tracking_uri_are_stored_and_shown_nowhere(served_run
     """Params, tags, the job's output, the printed config, checkpoints, the final model, the run directory and the
     server's whole store (database and artifacts) hold the URL only as http://***@…."""
     server, p = served_run
-    c, [r] = runs_in(server["store"])
+    _, [r] = runs_in(server["store"])
     assert r.data.params["tracking_uri"] == f"http://***@{server['url'][7:]}"
     assert SECRET not in p.stdout + p.stderr and "***@" in p.stdout
     assert SECRET not in json.dumps([r.data.params, r.data.tags])

@@ -12,8 +12,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import TORCHRUN, error_lines, run
 from data_prep.manifest import manifest_checksum
+
+from conftest import TORCHRUN, error_lines, run
 
 EPOCHS = 5
 # On the 2,000/1,000-image synthetic set this recipe reaches 58% test top-1 after 5 epochs on 2 CPU processes
@@ -111,7 +112,7 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     artifacts = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"learning_curves.png", "per_superclass.png", "per_superclass.csv"} <= artifacts
     import csv
-    rows = list(csv.DictReader(open(work / "runs" / "e2e" / "per_superclass.csv")))
+    rows = list(csv.DictReader((work / "runs" / "e2e" / "per_superclass.csv").read_text().splitlines()))
     assert len(rows) == 20 and sum(int(row["images"]) for row in rows) == 1000
     assert (work / "runs" / "e2e" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     # time to accuracy: logged once, at the first epoch whose test top-1 reached the threshold
@@ -121,7 +122,7 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     # the time budget: printed, a table artifact, and time_<phase>_s metrics that add up to the wall-clock
     import csv as csv_lib
     budget = {row["phase"]: float(row["seconds"]) for row in
-              csv_lib.DictReader(open(work / "runs" / "e2e" / "time_budget.csv"))}
+              csv_lib.DictReader((work / "runs" / "e2e" / "time_budget.csv").read_text().splitlines())}
     assert {"startup", "loaders", "warmup", "training", "evaluation", "checkpoints", "export"} <= set(budget)
     assert "time_budget.csv" in artifacts and "time budget (" in p.stdout
     total = r.data.metrics["time_total_s"]
@@ -160,7 +161,7 @@ def test_a_killed_worker_fails_the_job_and_the_mlflow_run(synthetic_data, tmp_pa
     workers = psutil.Process(proc.pid).children()
     [rank1] = [w for w in workers if w.environ().get("RANK") == "1"]
     rank1.send_signal(signal.SIGKILL)
-    rest, _ = proc.communicate(timeout=300)
+    proc.communicate(timeout=300)
     assert proc.returncode != 0
     c = client(mlflow_env)
     [r] = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
