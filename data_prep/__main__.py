@@ -1,5 +1,6 @@
 """python -m data_prep: CIFAR-100 (download, local archive/directory, or synthetic) → data/*.beton + manifest.json"""
 import argparse
+import dataclasses
 import math
 import signal
 import sys
@@ -34,7 +35,24 @@ def parse_args(argv=None):
     p.add_argument("--synthetic-train", type=int, default=5000, help="synthetic: number of training images")
     p.add_argument("--synthetic-test", type=int, default=1000, help="synthetic: number of test images")
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: generator seed")
-    p.add_argument("--synthetic-noise", type=float, default=48.0, help="synthetic: pixel noise std (0..255 scale)")
+    p.add_argument("--synthetic-difficulty", default=cifar.DEFAULT_DIFFICULTY, metavar="LEVEL",
+                   help="synthetic: how hard the set is: "
+                        + ", ".join(f"{k} ({v:g})" for k, v in cifar.DIFFICULTY_LEVELS.items())
+                        + " or any number L from 0 to 2. 0 is the original generator: each fine class one smooth "
+                        "colour pattern on its superclass's, shifted up to 3 px, Gaussian noise 48; a CNN reaches "
+                        "~100%% within a few epochs (enough for tests that only need learning). Level L adds: "
+                        "1+round(7L) poses per class, each its own pattern and silhouette, with the class's shared "
+                        "pattern weakened to (1-L/2)× so that the classes of a superclass look alike; the pattern "
+                        "becomes an object on a random background (amplitude 30L), in 60L%% of the images with a "
+                        "smaller object of a random class behind it; rotation ±40L°, scale 2^±0.3L, colour gains "
+                        "1±0.4L; a 6–14 px square hides part of 50L%% of the images; 20L%% of the training labels "
+                        "move to another class of the same superclass (test labels stay clean). hard is meant to "
+                        "need the whole recipe, like CIFAR-100")
+    p.add_argument("--synthetic-noise", type=float, default=None,
+                   help="synthetic: pixel noise std on the 0..255 scale; None: 48, at every level")
+    p.add_argument("--synthetic-label-noise", type=float, default=None,
+                   help="synthetic: fraction of the training labels moved to another fine class of the same "
+                        "superclass; None: 0.2 × the level")
     p.add_argument("--workers", type=int, default=2, help="FFCV writer processes")
     return p.parse_args(argv)
 
@@ -48,8 +66,23 @@ def check(args) -> None:
         n = getattr(args, flag)
         need(n >= 1, f"--{flag.replace('_', '-')} must be at least 1 image, got {n}")
     need(args.synthetic_seed >= 0, f"--synthetic-seed must be 0 or more, got {args.synthetic_seed}")
-    need(math.isfinite(args.synthetic_noise) and args.synthetic_noise >= 0,
-         f"--synthetic-noise is a pixel standard deviation: 0 or more (e.g. 48), got {args.synthetic_noise}")
+    level = cifar.DIFFICULTY_LEVELS.get(args.synthetic_difficulty, args.synthetic_difficulty)
+    try:
+        level = float(level)
+    except ValueError:
+        level = math.nan
+    need(0 <= level <= 2, f"--synthetic-difficulty is {', '.join(cifar.DIFFICULTY_LEVELS)} or a number from 0 to 2, "
+                          f"got {args.synthetic_difficulty}")
+    spec = cifar.Difficulty.at(level)
+    if args.synthetic_noise is not None:
+        need(math.isfinite(args.synthetic_noise) and args.synthetic_noise >= 0,
+             f"--synthetic-noise is a pixel standard deviation: 0 or more (e.g. 48), got {args.synthetic_noise}")
+        spec = dataclasses.replace(spec, noise=args.synthetic_noise)
+    if args.synthetic_label_noise is not None:
+        need(0 <= args.synthetic_label_noise <= 1, "--synthetic-label-noise is a fraction of the training labels, "
+                                                   f"from 0 to 1, got {args.synthetic_label_noise}")
+        spec = dataclasses.replace(spec, label_noise=args.synthetic_label_noise)
+    args.spec = spec
     need(args.workers >= 1, f"--workers must be at least 1 writer process, got {args.workers}")
     for flag, path in (("--out", args.out), ("--download-dir", args.download_dir)):
         if path is not None and (flag == "--out" or args.source == "download"):
@@ -66,7 +99,8 @@ def check(args) -> None:
 def request_of(args) -> dict:
     if args.source == "synthetic":
         return {"source": "synthetic", "train": args.synthetic_train, "test": args.synthetic_test,
-                "seed": args.synthetic_seed, "noise": args.synthetic_noise}
+                "seed": args.synthetic_seed, "difficulty": args.spec.level, "noise": args.spec.noise,
+                "label_noise": args.spec.label_noise}
     if args.source == "download":
         return {"source": "download"}
     return {"source": str(Path(args.source).resolve()), "allow_custom": args.allow_custom}
@@ -77,7 +111,7 @@ def load(args, request: dict) -> cifar.Cifar100:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 archive = cifar.synthetic_archive(Path(tmp) / ARCHIVE_NAME, args.synthetic_train,
-                                                  args.synthetic_test, args.synthetic_seed, args.synthetic_noise)
+                                                  args.synthetic_test, args.synthetic_seed, args.spec)
                 ds = cifar.read_archive(archive, allow_custom=True)
         except OSError as e:
             raise DataError(f"cannot write the synthetic archive under {tempfile.gettempdir()}: {e.strerror}; "
