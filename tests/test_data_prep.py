@@ -1,5 +1,6 @@
 """data_prep: official-format reading, beton round trip, custom class sets, manifest, quick and full verification,
 idempotence and atomicity."""
+import dataclasses
 import json
 import os
 import shutil
@@ -35,10 +36,13 @@ def custom_archive(path, splits: dict, fine_names, coarse_names, seed=0):
 
 
 def test_beton_round_trip_is_bit_identical(synthetic_data, tmp_path):
-    # Regenerate the same synthetic source and read it through the archive reader, as data_prep did.
-    archive = cifar.synthetic_archive(tmp_path / "src.tar.gz", N_TRAIN, N_TEST, seed=0)
-    src = cifar.read_archive(archive, allow_custom=True)
+    # Regenerate the same synthetic source (the difficulty the fixture asked for) and read it through the archive
+    # reader, as data_prep did.
     m = verify(synthetic_data, full=True)
+    r = m["request"]
+    spec = dataclasses.replace(cifar.Difficulty.at(r["difficulty"]), noise=r["noise"], label_noise=r["label_noise"])
+    archive = cifar.synthetic_archive(tmp_path / "src.tar.gz", N_TRAIN, N_TEST, seed=0, spec=spec)
+    src = cifar.read_archive(archive, allow_custom=True)
     for name, split in (("train", src.train), ("test", src.test)):
         beton = synthetic_data / f"cifar100_{name}.beton"
         images, fine, coarse = read_beton(beton)
@@ -156,7 +160,8 @@ def test_interrupted_prep_never_leaves_data_that_verifies(tmp_path):
     assert verify(out)
     # Redo it bigger and SIGKILL it while the first beton is being written.
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out,
-                             "--synthetic-train", "30000", "--synthetic-test", "100", "--force"],
+                             "--synthetic-train", "30000", "--synthetic-test", "100", "--synthetic-difficulty", "easy",
+                             "--force"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(out.glob(".cifar100_train.beton.tmp*")):
