@@ -242,10 +242,12 @@ class Difficulty:
                    occlude=0.5 * d, jitter=0.4 * d, label_noise=0.2 * d)
 
 
-# hard, the default: a narrow ResNet-18 on 10,000 images stays far from saturation (CPU proxies in the commit that
-# introduced the levels); easy: the original set, for tests that only need a model to learn.
-DIFFICULTY_LEVELS = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
-DEFAULT_DIFFICULTY = "easy"  # "hard" once the tests' fixture (tests/conftest.py) asks for "easy" itself
+# hard, the default: the 40-epoch default recipe (ResNet-18, batch 512) on the full-size 50,000/10,000 set ends at
+# 70.0 % test top-1 with 99.0 % train top-1, its test curve rising throughout (one NVIDIA H100, 2026-11-26; level
+# 1.0 ended at 81.1 %, 0.75 at 91.4 %: docs/performance.md). easy: the original set, for tests that only need a
+# model to learn; medium: make train's CPU demo, which learns measurably in its 4 epochs.
+DIFFICULTY_LEVELS = {"easy": 0.0, "medium": 0.5, "hard": 1.25}
+DEFAULT_DIFFICULTY = "hard"
 
 
 def _smooth(rng, k: int, res: int, channels: int = 3) -> np.ndarray:

@@ -1,14 +1,35 @@
-"""`make train`: pick the hardware recipe, prepare data if missing, then exec torchrun on every local GPU
-(python -m ddp_train.torchrun: torchrun with one-line endings).
+"""`make train`: pick the hardware recipe, prepare data if missing, then start the trainer on every local GPU.
 
-With GPUs: one process per GPU, the default (real) recipe, the official CIFAR-100 in data/.
-Without: the `cpu-demo` preset on 2 gloo processes and a 5,000-image synthetic set in data/synthetic/; its 4 epochs
-take ~30 s on the 2-vCPU build machine (measured).
+With GPUs: one process per GPU under torchrun (python -m ddp_train.torchrun: torchrun with one-line endings), the
+default recipe, the official CIFAR-100 in data/ (SOURCE=synthetic: the full-size hard synthetic set). One GPU needs
+no torchrun: the trainer runs as the one process itself, which saves torchrun's start-up and handles the same
+signals. Without a GPU: the `cpu-demo` preset on 2 gloo processes and a 5,000-image synthetic set (medium
+difficulty) in data/synthetic/.
 """
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+
+def gpus() -> list:
+    """The names of the GPUs this process may use, from nvidia-smi (importing torch to ask would add seconds to
+    every launch) and CUDA_VISIBLE_DEVICES."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        names = names[:len([v for v in visible.split(",") if v.strip()])]
+    return names
 
 
 def main(argv=None) -> int:
@@ -21,30 +42,34 @@ def main(argv=None) -> int:
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="passed to python -m ddp_train")
     args = p.parse_args(argv)
 
-    import torch
-    gpus = torch.cuda.device_count()
-    source = args.source or ("download" if gpus else "synthetic")
+    names = gpus()
+    source = args.source or ("download" if names else "synthetic")
     data_dir = args.data_dir or ("data/synthetic" if source == "synthetic" else "data")
-    nproc = int(args.nproc) if args.nproc else (gpus or 2)
+    nproc = int(args.nproc) if args.nproc else (len(names) or 2)
     extra = [a for a in args.trainer_args if a != "--"]
-    if gpus:
-        print(f"launch: {gpus} GPU(s) ({torch.cuda.get_device_name(0)}): {nproc} processes, the full recipe "
-              f"(python -m ddp_train --help shows it), data from {data_dir}")
+    if names:
+        # the synthetic stand-in at full size and the default (hard) difficulty, like CIFAR-100 for the recipe
+        size = ["--synthetic-train", "50000", "--synthetic-test", "10000"]
+        print(f"launch: {len(names)} GPU(s) ({names[0]}): {nproc} process(es), the full recipe (python -m "
+              f"ddp_train --help shows it), data from {data_dir}")
     else:
+        size = ["--synthetic-difficulty", "medium"]  # the hard set teaches a CPU demo little in 4 epochs
         extra = ["--preset", "cpu-demo", *extra]
         print(f"launch: no GPU found — CPU demo: {nproc} gloo processes, preset cpu-demo (ResNet-18 at width 16, "
               f"4 epochs), {source} data in {data_dir}/. On GPUs the same command trains the full recipe.")
 
-    if not (Path(data_dir) / "manifest.json").is_file():
+    if not (Path(data_dir) / "manifest.json").is_file():  # data prepared earlier is used as it is
         from data_prep.__main__ import main as prep
         print(f"launch: no prepared data in {data_dir}/: preparing it (--source {source})", flush=True)
-        if prep(["--source", source, "--out", data_dir]) != 0:
+        if prep(["--source", source, "--out", data_dir, *(size if source == "synthetic" else [])]) != 0:
             return 1
 
-    # torchrun, ending in one line instead of a traceback when a worker fails or a signal stops it
-    cmd = [sys.executable, "-m", "ddp_train.torchrun", "--standalone", f"--nproc_per_node={nproc}",
-           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", "-m", "ddp_train", "--data-dir", data_dir,
-           *extra]
+    trainer = ["-m", "ddp_train", "--data-dir", data_dir, *extra]
+    if nproc == 1:
+        cmd = [sys.executable, *trainer]
+    else:  # torchrun, ending in one line instead of a traceback when a worker fails or a signal stops it
+        cmd = [sys.executable, "-m", "ddp_train.torchrun", "--standalone", f"--nproc_per_node={nproc}",
+               "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", *trainer]
     print("launch: " + " ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
 

@@ -31,7 +31,8 @@ def error_lines(stderr: str) -> list:
 
 def prep_synthetic(out: Path, n_train=N_TRAIN, n_test=N_TEST, seed=0, extra=()):
     return run([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out,
-                "--synthetic-train", n_train, "--synthetic-test", n_test, "--synthetic-seed", seed, *extra],
+                "--synthetic-train", n_train, "--synthetic-test", n_test, "--synthetic-seed", seed,
+                "--synthetic-difficulty", "easy", *extra],
                check=True)
 
 

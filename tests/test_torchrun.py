@@ -81,3 +81,14 @@ def test_make_train_launcher_runs_the_wrapper(synthetic_data, tmp_path):
     out = lines(p.stderr)
     assert out[0] == "error: --batch-size 101 is not divisible by the world size 2; use a multiple of 2"
     assert len(out) == 2 and out[1].startswith("torchrun on "), p.stderr
+
+
+def test_one_process_needs_no_torchrun(synthetic_data, tmp_path):
+    """One GPU (or --nproc 1): the trainer is the process itself, without torchrun's start-up."""
+    p = subprocess.run([sys.executable, "-m", "ddp_train.launch", "--data-dir", str(synthetic_data), "--nproc", "1",
+                        "--", "--batch-size", "4000", "--no-mlflow"], cwd=tmp_path, env=env(), capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"launch: {sys.executable} -m ddp_train --data-dir" in p.stdout and "torchrun" not in p.stdout
+    assert lines(p.stderr) == ["error: --batch-size 4000 exceeds the training set (2000 images over 1 rank(s)); "
+                               "use a batch of at most 2000"]
