@@ -9,6 +9,7 @@ top of another run's files.
 """
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -91,6 +92,17 @@ def load_latest(ckpt_dir: Path, config: dict, manifest_sha: str, world_size: int
     return None, None, problems
 
 
+def to_host(obj):
+    """A copy of a (nested) state on the CPU, safe from the training steps that follow: every tensor copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
 class Checkpointer:
     """The checkpoints of one run directory, for every rank of the job."""
 
@@ -102,6 +114,8 @@ class Checkpointer:
         self.manifest_sha = manifest_sha
         self.d = d
         self.last = None  # the newest complete checkpoint: named when something goes wrong
+        self._writer = None  # rank 0's background writer, and the write in flight: (path, future)
+        self._pending = None
 
     def find(self, log=print):
         """Rank 0: (path, state) of the checkpoint to continue from, or (None, None) for a fresh start; RunConflict
@@ -127,21 +141,47 @@ class Checkpointer:
     def due(self, epochs_done: int) -> bool:
         return epochs_done % self.cfg.ckpt_every == 0 or epochs_done == self.cfg.epochs
 
-    def save(self, epoch: int, step: int, state_fn, rank_state: dict) -> Path:
-        """Collective: every rank hands in its own state; rank 0 writes `state_fn()` with all of them. A failed
-        write fails every rank with the same line; the previous checkpoint stays intact."""
+    def save(self, epoch: int, step: int, state_fn, rank_state: dict, wait: bool = False) -> Path:
+        """Collective: every rank hands in its own state; rank 0 copies `state_fn()` with all of them to host
+        memory at once and writes it in the background while training goes on (one write in flight: serialising
+        and syncing ~90 MB took 0.24 s per epoch on an H100 host, a tenth of an epoch). A failed write fails every
+        rank with the same line at the next save or `wait`; the previous checkpoint stays intact. `wait`: return
+        once this one is on disk."""
         ranks = dist.gather_objects(rank_state)
         target = path_for(self.dir, epoch, step)
 
-        def write():
-            try:
-                save({**state_fn(), "epoch": epoch, "step": step, "config": self.public_config,
-                      "manifest_sha256": self.manifest_sha, "world_size": self.d.world_size, "ranks": ranks},
-                     target, self.cfg.keep_ckpts)
-            except OSError as e:
-                previous = f"the previous checkpoint {self.last} is intact; free space and rerun with --run-name " \
-                           f"{self.run_name} to resume from it" if self.last else "there is no earlier checkpoint"
-                raise CheckpointError(f"cannot write checkpoint {target} ({e.strerror or e}); {previous}") from None
-        dist.on_master(write)
-        self.last = target
+        def submit():
+            self._finish_write()
+            state = to_host({**state_fn(), "epoch": epoch, "step": step, "config": self.public_config,
+                             "manifest_sha256": self.manifest_sha, "world_size": self.d.world_size, "ranks": ranks})
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+            self._pending = (target, self._writer.submit(save, state, target, self.cfg.keep_ckpts))
+            if wait:
+                self._finish_write()
+        dist.on_master(submit)
+        if not self.d.master:
+            self.last = target  # for this rank's messages; rank 0 names it once it is on disk
         return target
+
+    def wait(self) -> None:
+        """Collective: the checkpoint being written is on disk (or every rank fails with its error)."""
+        dist.on_master(self._finish_write)
+
+    def _finish_write(self) -> None:
+        if self._pending is None:
+            return
+        (target, future), self._pending = self._pending, None
+        try:
+            future.result()
+        except OSError as e:
+            previous = f"the previous checkpoint {self.last} is intact; free space and rerun with --run-name " \
+                       f"{self.run_name} to resume from it" if self.last else "there is no earlier checkpoint"
+            raise CheckpointError(f"cannot write checkpoint {target} ({e.strerror or e}); {previous}") from None
+        self.last = target
+
+    def close(self) -> None:
+        """On the way out: let a write in flight finish (its file is complete or absent either way)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None

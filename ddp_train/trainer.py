@@ -81,6 +81,7 @@ class Trainer:
             self.run_name, resume_path = dist.on_master(lambda: self._claim(manifest_sha))
             self.run_dir = Path(cfg.out_dir) / self.run_name
             self.ckpt = Checkpointer(self.run_dir, self.run_name, cfg, manifest_sha, d)
+            self._exit.callback(self.ckpt.close)
 
         with budget.phase("model"):
             num_classes = len(self.manifest["fine_label_names"])
@@ -206,7 +207,8 @@ class Trainer:
                 self.stopper.drain()
                 seconds = elapsed + time.perf_counter() - t0
                 with self.budget.phase("checkpoints"):
-                    target = self.ckpt.save(epoch, i + 1, self.state_dict, self._rank_state(gen, sums, seconds))
+                    target = self.ckpt.save(epoch, i + 1, self.state_dict, self._rank_state(gen, sums, seconds),
+                                            wait=True)
                 self.log(f"stopped by signal {self.stopper.requested or 'on another rank'} at epoch {epoch}, step "
                          f"{i + 1}; checkpoint {target}; rerun with --run-name {self.run_name} (a requeued job "
                          "does) to resume", flush=True)
@@ -280,6 +282,8 @@ class Trainer:
     def finish(self) -> None:
         """Rank 0 saves the final model, pictures and tables and uploads them, the model last; the others wait."""
         self.sysmetrics.stop()
+        with self.budget.phase("checkpoints"):
+            self.ckpt.wait()  # the final checkpoint is on disk before the run is declared done
         with self.budget.phase("export"):
             dist.on_master(self._export)
         if self.d.master:
