@@ -13,6 +13,9 @@
 #   compile    gpu_step.py, torch.compile default and reduce-overhead, twice: the second run finds the Inductor
 #              caches of the first (TORCHINDUCTOR_CACHE_DIR)
 #   autotune   gpu_step.py, max-autotune-no-cudagraphs, twice likewise
+#   calib      the default recipe, 40 epochs, on the synthetic set at each of CALIB_LEVELS (default 0.75 1.25),
+#              side by side: with default40 (at DIFFICULTY, default hard) it calibrates the synthetic difficulty
+# Knobs: DIFFICULTY, CALIB_LEVELS, PEERS_EPOCHS, PLAIN_EPOCHS, GRAPH_BATCHES, GRAPH_ALSO, *_LIMIT (seconds).
 # Expected on one H100/H200 (estimated from earlier runs, not measured as a whole): ~550 s for all stages, so the
 # deadline usually cuts the last ones; a second call, on a fresh machine (a warm one goes back after 30 s idle),
 # finishes them: PARTS="compile autotune" DEADLINE=200 bash benchmarks/gpu_session.sh (timeout_s 300).
@@ -57,19 +60,22 @@ step() {  # step NAME LIMIT ARGS...: gpu_step.py ARGS, its results in $W/NAME.js
 }
 
 want variants && step variants 150 --skip "compile,CUDA graph"
-want graph && step graph 120 --only "CUDA graph,(default)" --batch 512,256,128,64
+want graph && step graph "${GRAPH_LIMIT:-120}" --only "CUDA graph,(default)${GRAPH_ALSO:+,$GRAPH_ALSO}" \
+    --batch "${GRAPH_BATCHES:-512,256,128,64}"
 
-if want peers || want default40; then
-    prep_data
-fi
-if want peers; then
-    peers=("$PY" benchmarks/peers.py --data-dir /tmp/data --out "$W/peers" --epochs 40 --plain-epochs 5 --workers 12)
-    if [ "$DRY_RUN" = 1 ] && ! "${peers[@]}" --plan > "$W/peers.plan"; then
-        echo "error: stage peers: peers.py rejects its arguments"
-        BAD=1
-    fi
-    stage peers 300 "${peers[@]}"
-    pack
+# The synthetic set at DIFFICULTY (data_prep's --synthetic-difficulty); with calib, also at each of CALIB_LEVELS,
+# prepared at once so the preps share the CPUs while the GPU is idle.
+if want peers || want default40 || want calib; then
+    levels=(); want calib && levels=(${CALIB_LEVELS:-0.75 1.25})
+    preps=()
+    for L in "${levels[@]}"; do
+        [ "$DRY_RUN" = 1 ] && continue
+        "$PY" -m data_prep --source synthetic --synthetic-train 50000 --synthetic-test 10000 \
+            --synthetic-difficulty "$L" --out "/tmp/data-L$L" --workers 4 > "$W/prep-L$L.log" 2>&1 &
+        preps+=($!)
+    done
+    prep_data --synthetic-difficulty "${DIFFICULTY:-hard}"
+    [ ${#preps[@]} = 0 ] || wait "${preps[@]}"  # not a bare wait: it would wait for the tee above too
 fi
 if want default40; then
     mlflow=(--no-mlflow)
@@ -80,11 +86,34 @@ mlflow.__version__)" > "$W/mlflow_import.log" 2>&1; then
     fi
     echo "default40: MLflow $([ ${#mlflow[@]} = 0 ] && echo "on ($MLFLOW_TRACKING_URI)" || echo "off (no usable \
 MLflow: $W/mlflow_import.log)")"
-    t0=$EPOCHREALTIME
-    stage default40 200 "$PY" -m ddp_train.launch --data-dir /tmp/data -- --epochs 40 --out-dir "$W/runs" \
-        --run-name default40 --progress line "${mlflow[@]}"
-    echo "default40: $(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}") s wall from the launch command to its exit" \
-        | tee "$W/default40_wall.txt"
+    # DEFAULT40_RUNS=2: once more into the same MLflow store (a store that exists, as in steady use)
+    for i in $(seq "${DEFAULT40_RUNS:-1}"); do
+        name=default40$([ "$i" = 1 ] || echo "-$i")
+        t0=$EPOCHREALTIME
+        stage "$name" "${DEFAULT40_LIMIT:-200}" "$PY" -m ddp_train.launch --data-dir /tmp/data -- --epochs 40 \
+            --out-dir "$W/runs" --run-name "$name" --progress line "${mlflow[@]}"
+        echo "$name: $(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}") s wall from the launch command to its exit" \
+            | tee "$W/${name}_wall.txt"
+        pack
+    done
+fi
+if want peers; then
+    peers=("$PY" benchmarks/peers.py --data-dir /tmp/data --out "$W/peers" --epochs "${PEERS_EPOCHS:-40}"
+           --plain-epochs "${PLAIN_EPOCHS:-5}" --workers 12)
+    if [ "$DRY_RUN" = 1 ] && ! "${peers[@]}" --plan > "$W/peers.plan"; then
+        echo "error: stage peers: peers.py rejects its arguments"
+        BAD=1
+    fi
+    stage peers "${PEERS_LIMIT:-300}" "${peers[@]}"
+    pack
+fi
+if want calib; then  # the default recipe at the other levels, side by side on the GPU (their speed is not measured)
+    calib=()
+    for L in ${CALIB_LEVELS:-0.75 1.25}; do
+        calib+=("$PY -m ddp_train --data-dir /tmp/data-L$L --no-mlflow --out-dir $W/runs --run-name calib-L$L \
+--progress line --num-workers 8 > $W/calib-L$L.log 2>&1 &")
+    done
+    stage calib "${CALIB_LIMIT:-200}" bash -c "${calib[*]} wait; grep -h 'epoch 39 |' $W/calib-L*.log"
     pack
 fi
 if want compile; then
@@ -113,13 +142,14 @@ for f in sorted(w.glob("*.json")):
         print(f"  {r['variant']:44s} FAILED: {r['error'][:150]}")
 if (w / "peers" / "peers.md").is_file():
     print("\npeers:\n" + (w / "peers" / "peers.md").read_text())
-budget = w / "runs" / "default40" / "time_budget.csv"
-if budget.is_file():
-    print("default40 time budget:")
+for budget in sorted(w.glob("runs/default40*/time_budget.csv")):
+    name = budget.parent.name
+    last = [line for line in (w / "logs" / f"{name}.log").read_text().splitlines() if line.startswith("epoch 39 |")]
+    print(f"{name} time budget ({last[-1][:110] if last else 'no epoch 39'}):")
     for row in csv.DictReader(budget.open()):
         print(f"  {row['description']:50s} {float(row['seconds']):8.2f} s")
-    if (w / "default40_wall.txt").is_file():
-        print("  " + (w / "default40_wall.txt").read_text().strip())
+    if (w / f"{name}_wall.txt").is_file():
+        print("  " + (w / f"{name}_wall.txt").read_text().strip())
 PY
 } > "$W/summary.txt" 2>&1
 cp "$W/summary.txt" "$FINAL/summary.txt"
