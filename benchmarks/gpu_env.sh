@@ -54,9 +54,9 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit (a slow stage leav
     STAGES+=("$name $rc $((SECONDS - t0))")
 }
 
-prep_data() {  # the full-size synthetic set (CIFAR-100 itself cannot be fetched there)
+prep_data() {  # the full-size synthetic set (CIFAR-100 itself cannot be fetched there); extra data_prep flags
     stage prep 90 "$PY" -m data_prep --source synthetic --synthetic-train 50000 --synthetic-test 10000 \
-        --out /tmp/data --workers 16
+        --out /tmp/data --workers 8 "$@"
 }
 train=("$PY" -m ddp_train --data-dir /tmp/data --no-mlflow --warmup-epochs 1 --num-workers 12 --out-dir /tmp/runs
        --progress line)
