@@ -71,7 +71,7 @@ class Cifar100:
 def _unpickle(raw: bytes, what: str) -> dict:
     try:
         return pickle.load(io.BytesIO(raw), encoding="bytes")
-    except Exception as e:  # noqa: BLE001 (unpickling garbage can raise almost anything)
+    except Exception as e:  # unpickling garbage can raise almost anything
         raise DataError(f"{what} is not a CIFAR-100 python pickle ({type(e).__name__}); "
                         f"use the official {ARCHIVE_NAME} or --source synthetic") from None
 
@@ -80,7 +80,8 @@ def _split(d: dict, what: str) -> Split:
     try:
         data, fine, coarse = d[b"data"], d[b"fine_labels"], d[b"coarse_labels"]
     except (KeyError, TypeError):
-        raise DataError(f"{what} lacks data/fine_labels/coarse_labels: not CIFAR-100 (CIFAR-10 has no coarse labels)")
+        raise DataError(f"{what} lacks data/fine_labels/coarse_labels: not CIFAR-100 (CIFAR-10 has no coarse labels)") \
+            from None
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{what}: data must be uint8 N×3072 (R, G, B planes of 32×32), got {data.dtype} {data.shape}")
@@ -127,7 +128,7 @@ def validate(ds: Cifar100) -> None:
             raise DataError(f"{ds.source}: {name} labels out of range (fine {s.fine.min()}..{s.fine.max()}, coarse "
                             f"{s.coarse.min()}..{s.coarse.max()}); with {nf} fine and {nc} coarse names they must be "
                             f"0..{nf - 1} and 0..{nc - 1}")
-        for f, c in set(zip(s.fine.tolist(), s.coarse.tolist())):
+        for f, c in set(zip(s.fine.tolist(), s.coarse.tolist(), strict=True)):
             if mapping.setdefault(f, c) != c:
                 raise DataError(f"{ds.source}: fine class {f} appears under superclasses {mapping[f]} and {c}; "
                                 "each fine class must belong to exactly one superclass")

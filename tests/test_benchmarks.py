@@ -136,7 +136,7 @@ def test_gpu_session_dry_run_checks_every_stage_and_returns_few_files(tmp_path):
     r, out, work = session(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stages = re.findall(r"^=== (\w+) \(limit (\d+)s\): (.*)$", r.stdout, re.M)
-    assert [s[0] for s in stages] == ["variants", "graph", "prep", "peers", "default40", "compile_1", "compile_2",
+    assert [s[0] for s in stages] == ["variants", "graph", "prep", "default40", "peers", "compile_1", "compile_2",
                                       "autotune_1", "autotune_2"]
     assert sum(int(s[1]) for s in stages) > 480  # the deadline, not the stages' own limits, bounds the session
     cmds = {s[0]: s[2] for s in stages}
