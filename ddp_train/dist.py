@@ -1,6 +1,7 @@
 """Process group from the torchrun environment: NCCL with one GPU per local rank, gloo on CPU — one code path."""
 import datetime
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 
@@ -27,9 +28,13 @@ class Dist:
 
 
 # Rank 0 alone may spend long on I/O (MLflow start, model export and upload) while the others wait; that wait must
-# not trip a --dist-timeout chosen to detect a dead node within seconds.
+# not trip a --dist-timeout chosen to detect a dead node within seconds. Only the waiting ranks are bound by it: rank 0
+# hands its result over without waiting for them (see on_master), so a stopped peer holds it no longer than
+# --dist-timeout.
 MASTER_IO_TIMEOUT_S = 1800
 _io_group = None
+_timeout = None
+_sends = []  # rank 0's sends on _io_group not yet known delivered (each keeps its tensor alive)
 
 
 def from_env() -> Dist:
@@ -85,7 +90,8 @@ def init(d: Dist, timeout_s: int) -> None:
         torch.cuda.set_device(d.device)
     if d.distributed:
         backend = "nccl" if d.device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
+        global _timeout
+        timeout = _timeout = datetime.timedelta(seconds=timeout_s)
         store = restart_store(timeout)
         dist.init_process_group(backend, timeout=timeout, device_id=d.device if d.device.type == "cuda" else None,
                                 **({"store": store, "rank": d.rank, "world_size": d.world_size} if store else {}))
@@ -114,10 +120,8 @@ def barrier() -> None:
 
 
 def wait_for_master() -> None:
-    """Barrier for the ranks that wait while rank 0 does I/O, on a group whose timeout is MASTER_IO_TIMEOUT_S
-    (a group's timeout binds every rank; a barrier's own timeout argument would bind rank 0 only)."""
-    if dist.is_initialized():
-        dist.barrier(group=_io_group)
+    """The other ranks wait until rank 0 gets here (it may have spent long on I/O); rank 0 does not wait."""
+    on_master(lambda: None)
 
 
 class PeerLost(JobError):
@@ -172,27 +176,61 @@ def gather_objects(obj) -> list:
 
 
 def on_master(fn):
-    """Run `fn` on rank 0 alone while the others wait (on the long-timeout I/O group); every rank then returns its
-    result, or raises its JobError — printed by rank 0 only, the others carry it quietly. A bug on rank 0 (any
-    other exception) keeps its traceback there and ends the other ranks with one quiet line."""
+    """Run `fn` on rank 0 alone while the others wait (MASTER_IO_TIMEOUT_S); every rank then returns its result, or
+    raises its JobError — printed by rank 0 only, the others carry it quietly. A bug on rank 0 (any other exception)
+    keeps its traceback there and ends the other ranks with one quiet line.
+
+    Rank 0 sends the outcome point-to-point and goes on without waiting for delivery: a collective here would hold
+    it for MASTER_IO_TIMEOUT_S if a peer stopped (SIGSTOP, a hung node) — its next collective fails within
+    --dist-timeout instead."""
     if not dist.is_initialized():
         return fn()
-    result, error, crash = None, None, None
     if dist.get_rank() == 0:
+        result, error, crash = None, None, None
         try:
             result = fn()
         except JobError as e:
             error = e
         except BaseException as e:
             crash = e
-    box = [(result, error, f"{type(crash).__name__}: {crash}" if crash else None)]
-    dist.broadcast_object_list(box, src=0, group=_io_group)
-    result, error, crashed = box[0]
-    if crash is not None:
-        raise crash
+        _post((result, error, f"{type(crash).__name__}: {crash}" if crash else None))
+        if crash is not None or error is not None:
+            flush_sends()  # the others learn why before this process ends
+            raise crash or error
+        return result
+    result, error, crashed = _receive()
     if crashed:
         error = JobError(f"rank 0 failed ({crashed[:200]}); see its traceback")
     if error is not None:
-        error.quiet = dist.get_rank() != 0
+        error.quiet = True
         raise error
     return result
+
+
+def _post(obj) -> None:
+    global _sends
+    _sends = [w for w in _sends if not w.is_completed()]
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    for r in range(1, dist.get_world_size()):
+        _sends += [dist.isend(size, r, group=_io_group), dist.isend(payload, r, group=_io_group)]
+
+
+def _receive():
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.recv(size, 0, group=_io_group)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(payload, 0, group=_io_group)
+    return pickle.loads(payload.numpy().tobytes())
+
+
+def flush_sends() -> None:
+    """Rank 0: wait, at most --dist-timeout, until the others have what it sent; a peer that is gone is reported by
+    whatever collective comes next, or not at all on the way out."""
+    global _sends
+    sends, _sends = _sends, []
+    for w in sends:
+        try:
+            w.wait(_timeout)
+        except Exception:
+            return

@@ -62,7 +62,9 @@ def main(argv=None) -> int:
             dist.init(d, cfg.dist_timeout)
         try:
             with Trainer(cfg, d, manifest, budget) as trainer:
-                return trainer.train()
+                code = trainer.train()
+            dist.flush_sends()  # the others have rank 0's last word before its process group goes
+            return code
         finally:
             dist.cleanup()
     except KeyboardInterrupt:  # Ctrl-C: the MLflow run ended KILLED on the way out; the checkpoints stay
