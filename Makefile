@@ -79,7 +79,7 @@ train: setup ## torchrun on all local GPUs (2 CPU processes and a small syntheti
 	  $(if $(NPROC),--nproc $(NPROC)) -- $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 test: setup $(VENV)/.installed-test ## add the test tools (pytest, ruff, hadolint, playwright) and run the test suite
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 mlflow-ui: setup ## MLflow UI on 127.0.0.1 (PORT=5000) over the default store ./mlflow.db
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)/#/experiments  (Ctrl-C stops it)"
