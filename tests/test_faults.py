@@ -49,10 +49,10 @@ def no_strays():
             pass
 
 
-def popen(cmd, cwd, env):
+def popen(cmd, cwd, env, **kw):
     proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}, **kw)
     STARTED.append(proc)
     return proc
 
@@ -317,9 +317,15 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == [0, 1, 2]
 
 
+def as_in_a_terminal():
+    """SIGINT as a terminal's foreground job has it. A shell's background job (`cmd &`, as a CI script may start
+    the suite) inherits SIGINT ignored, and Python then leaves it ignored: Ctrl-C could not reach the trainer."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_the_run_killed_in_one_line(synthetic_data, tmp_path, mlflow_env):
     proc = popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *FAST, "--epochs", "20",
-                  "--run-name", "c"], tmp_path, mlflow_env)
+                  "--run-name", "c"], tmp_path, mlflow_env, preexec_fn=as_in_a_terminal)
     out = []
     read_until(proc, "epoch 1 |", out)  # epoch 0's checkpoint is written
     proc.send_signal(signal.SIGINT)

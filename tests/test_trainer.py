@@ -1,0 +1,57 @@
+"""The Trainer's parts called one by one in this process, without torchrun or a process group: train_epoch,
+evaluate, end_epoch and finish; and the one exit, which ends the MLflow run with the status of how the block ended
+and frees the run directory."""
+import pytest
+from mlflow import MlflowClient
+
+from ddp_train import config, dist
+from ddp_train.train import preflight
+from ddp_train.trainer import Trainer
+
+FAST = ["--preset", "cpu-demo", "--width", "8", "--batch-size", "100", "--warmup-epochs", "0.5", "--loader", "resident",
+        "--epochs", "2", "--no-system-metrics", "--run-name", "unit", "--experiment", "unit"]
+
+
+def setup(data_dir, tmp_path, env):
+    cfg, _ = config.parse_args(["--data-dir", str(data_dir), *FAST, "--out-dir", str(tmp_path / "runs"),
+                                "--tracking-uri", env["MLFLOW_TRACKING_URI"]])
+    d = dist.from_env()
+    assert not d.distributed
+    return cfg, d, preflight(cfg, d)
+
+
+def runs(env):
+    c = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    return c, c.search_runs([c.get_experiment_by_name("unit").experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_the_loops_parts_run_one_by_one_in_this_process(synthetic_data, tmp_path, mlflow_env):
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env)
+    with Trainer(cfg, d, manifest) as t:
+        train = t.train_epoch(0)
+        assert train["train_loss"] > 0 and 0 <= train["train_top1"] <= 100 and train["images_per_s"] > 0
+        test = t.evaluate()
+        assert test["test_count"] == manifest["splits"]["test"]["count"] and 0 <= test["test_top1"] <= 100
+        t.end_epoch(0, train, test)
+        assert [h["test_top1"] for h in t.history] == [test["test_top1"]]
+        t.finish()
+        t.status = "FINISHED"
+    run_dir = tmp_path / "runs" / "unit"
+    assert (run_dir / "model.pt").is_file() and (run_dir / "time_budget.csv").is_file()
+    c, [r] = runs(mlflow_env)
+    assert r.info.status == "FINISHED" and r.info.run_name == "unit"
+    assert [m.step for m in c.get_metric_history(r.info.run_id, "test_top1")] == [0]
+
+
+def test_an_exception_in_the_loop_ends_the_run_failed_and_frees_its_directory(synthetic_data, tmp_path,
+                                                                              mlflow_env):
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env)
+    with pytest.raises(RuntimeError, match="boom"), Trainer(cfg, d, manifest) as t:
+        t.train_epoch(0)
+        raise RuntimeError("boom")
+    _, [r] = runs(mlflow_env)
+    assert r.info.status == "FAILED"
+    with Trainer(cfg, d, manifest) as again:  # the lock was released: the same name starts in this process
+        assert again.run_name == "unit" and again.train() == 0
+    _, found = runs(mlflow_env)
+    assert found[-1].info.status == "FINISHED" and len(found[-1].data.metrics) > 0
