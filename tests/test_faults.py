@@ -11,9 +11,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import TORCHRUN, error_lines, prep_synthetic, run
-
-FAST = ["--preset", "cpu-demo", "--width", "8", "--batch-size", "100", "--warmup-epochs", "0.5", "--loader", "resident"]
+from conftest import FAST, TORCHRUN, error_lines, prep_synthetic, run
 
 
 def single(data_dir, *extra, cwd, env=None, **kw):

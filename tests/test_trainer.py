@@ -8,12 +8,13 @@ from ddp_train import config, dist
 from ddp_train.train import preflight
 from ddp_train.trainer import Trainer
 
-FAST = ["--preset", "cpu-demo", "--width", "8", "--batch-size", "100", "--warmup-epochs", "0.5", "--loader", "resident",
-        "--epochs", "2", "--no-system-metrics", "--run-name", "unit", "--experiment", "unit"]
+from conftest import FAST
+
+RECIPE = [*FAST, "--epochs", "2", "--no-system-metrics", "--run-name", "unit", "--experiment", "unit"]
 
 
 def setup(data_dir, tmp_path, env):
-    cfg, _ = config.parse_args(["--data-dir", str(data_dir), *FAST, "--out-dir", str(tmp_path / "runs"),
+    cfg, _ = config.parse_args(["--data-dir", str(data_dir), *RECIPE, "--out-dir", str(tmp_path / "runs"),
                                 "--tracking-uri", env["MLFLOW_TRACKING_URI"]])
     d = dist.from_env()
     assert not d.distributed
