@@ -34,7 +34,8 @@ class Dist:
 MASTER_IO_TIMEOUT_S = 1800
 _io_group = None
 _timeout = None
-_sends = []  # rank 0's sends on _io_group not yet known delivered (each keeps its tensor alive)
+_sends = []  # rank 0's sends on _io_group, each keeping its tensor alive until flush_sends (gloo reports a send
+#              complete only once waited for): 2 small tensors per peer and on_master call, a few per epoch
 
 
 def from_env() -> Dist:
@@ -208,12 +209,10 @@ def on_master(fn):
 
 
 def _post(obj) -> None:
-    global _sends
-    _sends = [w for w in _sends if not w.is_completed()]
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
     for r in range(1, dist.get_world_size()):
-        _sends += [dist.isend(size, r, group=_io_group), dist.isend(payload, r, group=_io_group)]
+        _sends.extend([dist.isend(size, r, group=_io_group), dist.isend(payload, r, group=_io_group)])
 
 
 def _receive():
