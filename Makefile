@@ -75,7 +75,7 @@ prep-data: setup ## write data/*.beton + manifest.json (SOURCE=download|syntheti
 	$(PY) -m data_prep --source $(or $(SOURCE),download) --out $(or $(DATA),$(if $(filter synthetic,$(SOURCE)),data/synthetic,data))
 
 train: setup ## torchrun on all local GPUs (2 CPU processes and a small synthetic demo without one)
-	$(PY) -m ddp_train.launch $(if $(SOURCE),--source $(SOURCE)) $(if $(DATA),--data-dir $(DATA)) \
+	@$(PY) -m ddp_train.launch $(if $(SOURCE),--source $(SOURCE)) $(if $(DATA),--data-dir $(DATA)) \
 	  $(if $(NPROC),--nproc $(NPROC)) -- $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 test: setup $(VENV)/.installed-test ## add the test tools (pytest, ruff, hadolint, playwright) and run the test suite
