@@ -35,6 +35,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces an
 EPOCHS = 3
 RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100", "--lr", "0.2",
           "--warmup-epochs", "0.5", "--system-metrics-interval", "1"]
+# The two-node sbatch job reads through FFCV; the other jobs use the resident loader (the same batches, see
+# tests/test_resident.py, without FFCV's pipeline compilation in every attempt), so comparing them with it also
+# compares the loaders.
+RESIDENT = [*RECIPE, "--loader", "resident"]
 DIST_TIMEOUT = 15
 NODE_ADDR = {"node1": "10.123.0.11", "node2": "10.123.0.12"}
 
@@ -55,7 +59,7 @@ def cluster(tmp_path_factory):
 
 
 def two_nodes(cluster, work, *args, exports=""):
-    return sbatch(cluster, work, "--nodes=2", SBATCH, *RECIPE, *args, nproc=1, cpus=1, exports=exports)
+    return sbatch(cluster, work, "--nodes=2", SBATCH, *RESIDENT, *args, nproc=1, cpus=1, exports=exports)
 
 
 def metric_values(work) -> dict:
@@ -72,9 +76,9 @@ def jobs(cluster, synthetic_data, tmp_path_factory):
     """The same recipe on one node × 2 workers and on two nodes × 1 worker (same world size, global batch, seed),
     submitted together; each job's work directory, final state and log."""
     out = {}
-    for name, nodes, nproc in (("one_node", 1, 2), ("two_nodes", 2, 1)):
+    for name, nodes, nproc, recipe in (("one_node", 1, 2, RESIDENT), ("two_nodes", 2, 1, RECIPE)):
         work = workdir(tmp_path_factory.mktemp(name), synthetic_data)
-        p = sbatch(cluster, work, f"--nodes={nodes}", SBATCH, *RECIPE, nproc=nproc, cpus=1)
+        p = sbatch(cluster, work, f"--nodes={nodes}", SBATCH, *recipe, nproc=nproc, cpus=1)
         assert p.returncode == 0, p.stderr
         out[name] = [work, p.stdout.strip()]
     for name, (work, job) in out.items():
@@ -115,7 +119,7 @@ def submit(cluster, work, *args):
 def test_submitit_on_two_nodes_trains_exactly_like_one_node(cluster, jobs, synthetic_data, tmp_path):
     one, *_ = jobs["one_node"]
     work = workdir(tmp_path, synthetic_data)
-    p = submit(cluster, work, "--", *RECIPE)
+    p = submit(cluster, work, "--", *RESIDENT)
     assert p.returncode == 0, p.stdout + p.stderr
     job = re.search(r"submitted job (\d+) \(slurm\): 2 node\(s\) × 1 task\(s\)", p.stdout).group(1)
     assert metric_values(work) == metric_values(one)

@@ -28,6 +28,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting a Slurm clus
 EPOCHS = 4
 RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100", "--lr", "0.2",
           "--warmup-epochs", "0.5"]
+# The uninterrupted sbatch job reads through FFCV; the others use the resident loader, which serves the same batches
+# (tests/test_resident.py) without compiling FFCV's pipelines in every attempt: their equality with it holds across
+# loaders too.
+RESIDENT = [*RECIPE, "--loader", "resident"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_sbatch_job_signalled_mid_run_requeues_resumes_and_matches(cluster, sbat
     through srun and torchrun; they checkpoint, the script requeues, and the job resumes in the same run."""
     _, _, _, uninterrupted = sbatch_run
     work = workdir(tmp_path, synthetic_data)
-    job = sbatch(cluster, work, SBATCH, *RECIPE).stdout.strip()
+    job = sbatch(cluster, work, SBATCH, *RESIDENT).stdout.strip()
     log_name = f"cifar100-ddp-{job}.log"
     wait_for_text(log_name, work, "\nepoch 1 |")
     time.sleep(1.0)
@@ -90,7 +94,7 @@ def submit(cluster, work, *args, wait=True):
 def test_submitit_launcher_runs_the_same_training(cluster, sbatch_run, synthetic_data, tmp_path):
     _, _, _, sbatch_log = sbatch_run
     work = workdir(tmp_path, synthetic_data)
-    p = submit(cluster, work, "--", *RECIPE)
+    p = submit(cluster, work, "--", *RESIDENT)
     assert p.returncode == 0, p.stdout + p.stderr
     job = re.search(r"submitted job (\d+) \(slurm\)", p.stdout).group(1)
     log = (work / "slurm-logs" / job / f"{job}_0_log.out").read_text()
@@ -103,7 +107,7 @@ def test_submitit_job_preempted_requeues_through_submitit_and_resumes(cluster, s
                                                                       tmp_path):
     _, _, _, sbatch_log = sbatch_run
     work = workdir(tmp_path, synthetic_data)
-    p = submit(cluster, work, "--", *RECIPE, wait=False)
+    p = submit(cluster, work, "--", *RESIDENT, wait=False)
     job = re.search(r"submitted job (\d+)", p.stdout).group(1)
     wait_for_text(f"slurm-logs/{job}/{job}_0_log.out", work, "\nepoch 1 |")
     time.sleep(1.0)

@@ -5,7 +5,7 @@ import sys
 
 from conftest import run
 
-RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", "2", "--batch-size", "100"]
+RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", "2", "--batch-size", "100", "--loader", "resident"]
 
 
 def submit(work, *args):

@@ -19,7 +19,7 @@ from conftest import run
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 EPOCHS = 4
 RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--batch-size", "100",
-          "--warmup-epochs", "0.5", "--num-workers", "2", "--system-metrics-interval", "1"]
+          "--warmup-epochs", "0.5", "--loader", "resident", "--system-metrics-interval", "1"]
 SECRET = "s3cret-T0KEN"
 EPOCH_LINE = re.compile(r"^epoch (\d+) \| .*? \| test ([\d.]+) %", re.M)
 

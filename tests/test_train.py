@@ -150,7 +150,7 @@ def test_same_seed_and_world_size_give_the_same_run(trained, synthetic_data, tmp
 
 
 def test_a_killed_worker_fails_the_job_and_the_mlflow_run(synthetic_data, tmp_path, mlflow_env):
-    proc = subprocess.Popen(train_cmd(2, synthetic_data, "--epochs", "50"), cwd=tmp_path,
+    proc = subprocess.Popen(train_cmd(2, synthetic_data, "--epochs", "50", "--loader", "resident"), cwd=tmp_path,
                             env={**__import__("os").environ, **mlflow_env, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = []
