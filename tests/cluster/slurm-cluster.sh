@@ -148,6 +148,9 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# a requeued job whose hold the tests lift starts within a second or two, not at the next pass of the schedulers
+# (by default every 60 s for the main loop and 30 s for backfill)
+SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
 MpiDefault=none
 KillWait=60
