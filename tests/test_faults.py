@@ -72,6 +72,14 @@ def files(path):
     return {p: p.stat().st_mtime_ns for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """The synthetic set prepared again with other content (another seed), as a re-prepared data directory holds."""
+    out = tmp_path_factory.mktemp("other") / "data"
+    prep_synthetic(out, seed=1)
+    return out
+
+
 def test_non_finite_loss_stops_every_rank_with_one_line_and_saves_nothing(synthetic_data, tmp_path, mlflow_env):
     p = run(ddp(2, synthetic_data, "--lr", "1e6", "--epochs", "2", "--run-name", "nan"), cwd=tmp_path,
             env=mlflow_env)
@@ -113,8 +121,9 @@ def test_a_failure_after_the_last_epoch_fails_the_run_and_a_rerun_exports(synthe
     assert len(c.search_logged_models([r.info.experiment_id])) == 1  # not exported twice
 
 
-def test_another_config_or_dataset_never_takes_over_a_run(synthetic_data, tmp_path, mlflow_env):
-    """Same --run-name, one field changed, or the data re-prepared: refused in one line, the old run untouched."""
+def test_another_config_or_dataset_never_takes_over_a_run(synthetic_data, other_data, tmp_path, mlflow_env):
+    """Same --run-name, one field changed, or the data re-prepared: refused in one line, the finished run untouched
+    (a stopped run and re-prepared data: test_ctrl_c_ends_the_run_killed_in_one_line)."""
     run(ddp(1, synthetic_data, "--epochs", "1", "--run-name", "r"), cwd=tmp_path, env=mlflow_env, check=True)
     before = files(tmp_path / "runs" / "r")
     for extra, why in [(["--epochs", "2"], "epochs 1 → 2"), (["--epochs", "1", "--seed", "1"], "seed 0 → 1")]:
@@ -123,9 +132,7 @@ def test_another_config_or_dataset_never_takes_over_a_run(synthetic_data, tmp_pa
             f"error: {tmp_path / 'runs' / 'r'} holds a finished run that differs (the config differs: {why}); "
             "choose a new --run-name"]) or "runs/r holds" in p.stderr, p.stderr
         assert why in p.stderr
-    data = tmp_path / "data"
-    prep_synthetic(data, seed=1)  # other content
-    p = single(data, "--epochs", "1", "--run-name", "r", cwd=tmp_path, env=mlflow_env)
+    p = single(other_data, "--epochs", "1", "--run-name", "r", cwd=tmp_path, env=mlflow_env)
     assert p.returncode == 2 and "another dataset" in error_lines(p.stderr)[0]
     assert files(tmp_path / "runs" / "r") == before
     assert len(mlflow_runs(mlflow_env)[1]) == 1
@@ -321,7 +328,8 @@ def as_in_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_ends_the_run_killed_in_one_line(synthetic_data, tmp_path, mlflow_env):
+def test_ctrl_c_ends_the_run_killed_in_one_line(synthetic_data, other_data, tmp_path, mlflow_env):
+    """Then the data is re-prepared with other content before the resume: refused in one line, the run untouched."""
     proc = popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *FAST, "--epochs", "20",
                   "--run-name", "c"], tmp_path, mlflow_env, preexec_fn=as_in_a_terminal)
     out = []
@@ -333,3 +341,11 @@ def test_ctrl_c_ends_the_run_killed_in_one_line(synthetic_data, tmp_path, mlflow
                                  "stay: rerun with the run's --run-name to resume"]
     assert mlflow_runs(mlflow_env)[1][0].info.status == "KILLED"
     assert (tmp_path / "runs" / "c" / "checkpoints" / "ckpt_e0001_s000000.pt").exists()
+    before = files(tmp_path / "runs" / "c")
+    p = single(other_data, "--epochs", "20", "--run-name", "c", cwd=tmp_path, env=mlflow_env)
+    assert p.returncode == 2 and error_lines(p.stderr) == [
+        "error: no checkpoint in runs/c/checkpoints can continue this run (ckpt_e0001_s000000.pt: it was trained on "
+        "another dataset (manifest sha256 differs)); rerun with that run's config and data to resume it, or choose "
+        "a new --run-name"], p.stderr
+    assert files(tmp_path / "runs" / "c") == before
+    assert [r.info.status for r in mlflow_runs(mlflow_env)[1]] == ["KILLED"]
