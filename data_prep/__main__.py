@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ddp_train.errors import ConfigError, JobError, report
+from ddp_train.errors import ConfigError, JobError, exit_now, report
 
 from . import cifar
 from .beton import write_dataset
@@ -173,4 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

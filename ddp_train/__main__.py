@@ -1,5 +1,5 @@
-import sys
-
+"""python -m ddp_train: the trainer (one process per rank under torchrun)."""
+from .errors import exit_now
 from .train import main
 
-sys.exit(main())
+exit_now(main())

@@ -25,3 +25,24 @@ def report(e: JobError, file=None) -> int:
     """Print the error as one line and return its exit status."""
     print(f"error: {' '.join(str(e).split())}", file=file or sys.stderr, flush=True)
     return e.exit_code
+
+
+def exit_now(code: int):
+    """End the process as Python would — other threads joined, atexit handlers run (MLflow's flushes among them),
+    output flushed — without the interpreter's teardown of every imported module, which does nothing a finished
+    command needs: after torch, MLflow and matplotlib it took 2.2–2.4 s per trainer process on the CPU (0.1 s
+    this way), after data prep's FFCV and numba 1.1–1.5 s. For a command's normal end only; a crash keeps
+    Python's own exit and its traceback."""
+    import atexit
+    import os
+    import threading
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+            pass
+    os._exit(code)

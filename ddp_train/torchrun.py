@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher import api as launcher_api
 
-from .errors import EXIT_FAILED, EXIT_REQUEUE, EXIT_USAGE
+from .errors import EXIT_FAILED, EXIT_REQUEUE, EXIT_USAGE, exit_now
 
 MEANING = {EXIT_FAILED: "failed", EXIT_USAGE: "bad input", EXIT_REQUEUE: "checkpointed, to be resumed"}
 # torchrun's log lines that the summary line replaces, by their format strings (the loggers of the modules below)
@@ -112,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
