@@ -1,16 +1,27 @@
 """The Trainer's parts called one by one in this process, without torchrun or a process group: train_epoch,
 evaluate, end_epoch and finish; and the one exit, which ends the MLflow run with the status of how the block ended
-and frees the run directory."""
+and frees the run directory; a disk that fills before the final model is written."""
+import errno
+import os
+import subprocess
+
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from ddp_train import config, dist
+from ddp_train.errors import JobError
 from ddp_train.train import preflight
 from ddp_train.trainer import Trainer
 
 from conftest import FAST
 
 RECIPE = [*FAST, "--epochs", "2", "--no-system-metrics", "--run-name", "unit", "--experiment", "unit"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts (./mlruns beside the sqlite store) land in the test's directory
 
 
 def setup(data_dir, tmp_path, env):
@@ -56,3 +67,44 @@ def test_an_exception_in_the_loop_ends_the_run_failed_and_frees_its_directory(sy
         assert again.run_name == "unit" and again.train() == 0
     _, found = runs(mlflow_env)
     assert found[-1].info.status == "FINISHED" and len(found[-1].data.metrics) > 0
+
+
+def fill(directory):
+    """Write a file until its filesystem has no space left."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 20, 1 << 12):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_a_full_disk_at_export_fails_the_run_in_one_line_and_keeps_the_final_checkpoint(synthetic_data, tmp_path,
+                                                                                        mlflow_env):
+    """The output directory is a real tmpfs that fills up after the last checkpoint, before the final model."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(out)], check=True)
+    try:
+        cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env)
+        with pytest.raises(JobError) as e, Trainer(cfg, d, manifest) as t:
+            train = t.train_epoch(0)
+            t.end_epoch(0, train, t.evaluate())
+            t.ckpt.wait()
+            fill(out)
+            t.finish()
+        run_dir = out / "unit"
+        assert str(e.value) == (f"cannot write the final model {run_dir / 'model.pt'} (No space left on device); the "
+                                f"final checkpoint {run_dir / 'checkpoints' / 'ckpt_e0001_s000000.pt'} is intact: free "
+                                "space and rerun with --run-name unit to export again")
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "run.json"]  # nothing partial
+        assert torch.load(run_dir / "checkpoints" / "ckpt_e0001_s000000.pt", weights_only=False)["epoch"] == 1
+        _, [r] = runs(mlflow_env)
+        assert r.info.status == "FAILED"
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
