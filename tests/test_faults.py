@@ -293,13 +293,14 @@ def test_the_models_head_is_sized_from_the_manifest(tmp_path):
 
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(synthetic_data, tmp_path,
                                                                                 mlflow_env):
-    """torchrun --max-restarts=1, no Slurm, default run name: a worker SIGKILLed mid-epoch 1 and one at the start
-    of epoch 2's evaluation; the group restarts, finds its own run (TORCHELASTIC_RUN_ID), resumes from the last
-    checkpoint into the same MLflow run, logs each epoch once and ends with the uninterrupted run's metrics."""
+    """torchrun --max-restarts=3, no Slurm, default run name: a worker SIGKILLed at three points — mid-epoch 1, right
+    after epoch 1's line (while its checkpoint is written), and as the restarted group resumes (before its first
+    step); each time the group restarts, finds its own run (TORCHELASTIC_RUN_ID), resumes from the last checkpoint
+    into the same MLflow run, logs each epoch once and ends with the uninterrupted run's metrics."""
     epochs = ["--epochs", "3", "--no-system-metrics"]
     plain = run(ddp(2, synthetic_data, *epochs, "--no-mlflow", "--out-dir", tmp_path / "plain"), cwd=tmp_path,
                 check=True)
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "ddp_train", "--data-dir",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=3", "-m", "ddp_train", "--data-dir",
            synthetic_data, *FAST, *epochs]
     proc = popen(cmd, tmp_path, mlflow_env)
     out = []
@@ -309,10 +310,12 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     read_until(proc, "resuming from", out)
     read_until(proc, "epoch 1 |", out)
     worker(proc, 0).send_signal(signal.SIGKILL)  # right after epoch 1's line: while its checkpoint is written
+    read_until(proc, "resuming from", out)
+    worker(proc, 1).send_signal(signal.SIGKILL)  # as the restarted group resumes, before its first step
     rest, _ = proc.communicate(timeout=600)
     text = "".join(out) + rest
     assert proc.returncode == 0, text[-4000:]
-    assert text.count("resuming from") == 2
+    assert text.count("resuming from") == 3
     lines = [line for line in text.splitlines() if line.startswith("epoch ")]
     final = [line for line in lines if line.startswith("epoch 2 |")][-1]
     expected = next(line for line in plain.stdout.splitlines() if line.startswith("epoch 2 |"))
