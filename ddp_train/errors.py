@@ -36,9 +36,7 @@ def exit_now(code: int):
     import atexit
     import os
     import threading
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # the interpreter's own first step: wakes idle pool workers, joins non-daemon threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
