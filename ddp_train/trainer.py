@@ -66,6 +66,9 @@ class Trainer:
 
     def _build(self):
         cfg, d, budget = self.cfg, self.d, self.budget
+        # First in, so last out: a signal while the run is closed (torchrun SIGTERMs the survivors as soon as a rank
+        # dies) is only noted, and cannot cut short the MLflow status, the checkpoint being written or the error line.
+        self.stopper = self._exit.enter_context(StopAgreement())
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         if self.device.type == "cuda":
@@ -119,7 +122,6 @@ class Trainer:
             cfg.system_metrics_interval, label_node=local_world < d.world_size, log=print)
         self._exit.callback(self.sysmetrics.stop)
         self.step_logger = tracking.StepLogger(self.tracker, cfg.log_every_steps)
-        self.stopper = self._exit.enter_context(StopAgreement())
         amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
         self.log(f"run {self.run_name}: {d.world_size} × {self.device.type} "
                  f"({'nccl' if self.device.type == 'cuda' else 'gloo'}), {cfg.batch_size // d.world_size} images per "
