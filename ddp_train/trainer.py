@@ -67,7 +67,7 @@ class Trainer:
     def _build(self):
         cfg, d, budget = self.cfg, self.d, self.budget
         # First in, so last out: a signal while the run is closed (torchrun SIGTERMs the survivors as soon as a rank
-        # dies) is only noted, and cannot cut short the MLflow status, the checkpoint being written or the error line.
+        # dies) is only noted, and cannot cut short the MLflow status or the checkpoint being written.
         self.stopper = self._exit.enter_context(StopAgreement())
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)

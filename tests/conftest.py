@@ -1,5 +1,6 @@
 """Shared fixtures: a synthetic CIFAR-100 prepared once per session through the real CLI, and helpers that run the
 project's commands as real processes (python -m …, torchrun) with their own MLflow store."""
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,6 +27,17 @@ def run(cmd, cwd=None, env=None, timeout=600, check=False):
         assert p.returncode == 0, (f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n"
                                    f"{p.stderr[-4000:]}")
     return p
+
+
+@contextlib.contextmanager
+def tmpfs(path, options):
+    """A real tmpfs mounted at the new directory `path` (a full or read-only filesystem); needs root."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)
 
 
 def error_lines(stderr: str) -> list:

@@ -13,6 +13,8 @@ import pytest
 from data_prep import cifar
 from data_prep.manifest import verify
 
+from conftest import tmpfs
+
 ROOT_ONLY = "mounting a tmpfs (a real full or read-only filesystem) needs root; run the suite as root, as CI does"
 
 
@@ -28,16 +30,6 @@ def prep(*args, timeout=300):
         proc.communicate()
         raise AssertionError(f"python -m data_prep {' '.join(map(str, args))} hung for {timeout} s") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-@contextlib.contextmanager
-def tmpfs(path, options):
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", path], check=True)
 
 
 def archive(tmp_path, train: dict, fine_names=("a", "b"), coarse_names=("x",), test=None):

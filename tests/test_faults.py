@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import FAST, TORCHRUN, error_lines, prep_synthetic, run
+from conftest import FAST, TORCHRUN, error_lines, prep_synthetic, run, tmpfs
 
 
 def single(data_dir, *extra, cwd, env=None, **kw):
@@ -189,10 +189,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(synthetic_d
     run(ddp(1, synthetic_data, "--epochs", "1", "--no-mlflow", "--out-dir", probe, "--run-name", "p"),
         cwd=tmp_path, check=True)
     size = next((probe / "p" / "checkpoints").iterdir()).stat().st_size
-    out = tmp_path / "small"
-    out.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6)}", "tmpfs", str(out)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", f"size={int(size * 1.6)}") as out:
         p = run(ddp(2, synthetic_data, "--epochs", "3", "--out-dir", out, "--run-name", "f"), cwd=tmp_path,
                 env=mlflow_env)
         assert p.returncode == 1
@@ -203,8 +200,6 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(synthetic_d
         assert ckpts == ["ckpt_e0001_s000000.pt"]  # no partial file left, the intact one kept
         assert torch.load(out / "f" / "checkpoints" / ckpts[0], weights_only=False)["epoch"] == 1
         assert mlflow_runs(mlflow_env)[1][0].info.status == "FAILED"
-    finally:
-        subprocess.run(["umount", str(out)], check=True)
 
 
 def test_an_unusable_tracking_uri_never_stops_training(synthetic_data, tmp_path):

@@ -3,7 +3,6 @@ evaluate, end_epoch and finish; and the one exit, which ends the MLflow run with
 and frees the run directory; a disk that fills before the final model is written."""
 import errno
 import os
-import subprocess
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from ddp_train.errors import JobError
 from ddp_train.train import preflight
 from ddp_train.trainer import Trainer
 
-from conftest import FAST
+from conftest import FAST, tmpfs
 
 RECIPE = [*FAST, "--epochs", "2", "--no-system-metrics", "--run-name", "unit", "--experiment", "unit"]
 
@@ -87,10 +86,7 @@ def fill(directory):
 def test_a_full_disk_at_export_fails_the_run_in_one_line_and_keeps_the_final_checkpoint(synthetic_data, tmp_path,
                                                                                         mlflow_env):
     """The output directory is a real tmpfs that fills up after the last checkpoint, before the final model."""
-    out = tmp_path / "runs"
-    out.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(out)], check=True)
-    try:
+    with tmpfs(tmp_path / "runs", "size=16m") as out:
         cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env)
         with pytest.raises(JobError) as e, Trainer(cfg, d, manifest) as t:
             train = t.train_epoch(0)
@@ -106,5 +102,3 @@ def test_a_full_disk_at_export_fails_the_run_in_one_line_and_keeps_the_final_che
         assert torch.load(run_dir / "checkpoints" / "ckpt_e0001_s000000.pt", weights_only=False)["epoch"] == 1
         _, [r] = runs(mlflow_env)
         assert r.info.status == "FAILED"
-    finally:
-        subprocess.run(["umount", str(out)], check=True)
