@@ -181,7 +181,12 @@ class Checkpointer:
         self.last = target
 
     def close(self) -> None:
-        """On the way out: let a write in flight finish (its file is complete or absent either way)."""
+        """On the way out: let a write in flight finish (its file is complete or absent either way); once complete it
+        is the one the error line names."""
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
+        if self._pending is not None:
+            (target, future), self._pending = self._pending, None
+            if future.exception() is None:
+                self.last = target

@@ -2,6 +2,7 @@
 import datetime
 import os
 import pickle
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -140,6 +141,14 @@ def is_comm_failure(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and
                                              any(w in text for w in COMM_FAILURE_WORDS))
+
+
+def cause(e: BaseException) -> str:
+    """A communication error in a few words: its first line, without gloo's source location ("[…/pair.cc:561] ")
+    and the advice that follows the first sentence."""
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    first = re.sub(r"^\s*\[[^\]]*\]\s*", "", first).split(". ")[0]
+    return first if len(first) <= 200 else first[:199] + "…"
 
 
 def cleanup() -> None:

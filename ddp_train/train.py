@@ -25,6 +25,7 @@ from .budget import Budget
 from .config import Config, ConfigError
 from .errors import EXIT_REQUEUE, JobError, report  # noqa: F401  (EXIT_REQUEUE: slurm/submit.py reads it here)
 from .rundir import RunFinished
+from .stop import StopAgreement
 from .trainer import Trainer
 
 
@@ -61,10 +62,17 @@ def main(argv=None) -> int:
         with budget.phase("process_group"):
             dist.init(d, cfg.dist_timeout)
         try:
-            with Trainer(cfg, d, manifest, budget) as trainer:
-                code = trainer.train()
-            dist.flush_sends()  # the others have rank 0's last word before its process group goes
-            return code
+            # From the Trainer's start until this rank has said how it ended, SIGTERM is only noted (the Trainer's
+            # own handlers act on it while it trains): torchrun sends it to the survivors as soon as one rank dies,
+            # and it must not cut short the line that says why.
+            with StopAgreement():
+                try:
+                    with Trainer(cfg, d, manifest, budget) as trainer:
+                        code = trainer.train()
+                    dist.flush_sends()  # the others have rank 0's last word before its process group goes
+                    return code
+                except JobError as e:
+                    return ending(e, d)
         finally:
             dist.cleanup()
     except KeyboardInterrupt:  # Ctrl-C: the MLflow run ended KILLED on the way out; the checkpoints stay
@@ -72,11 +80,15 @@ def main(argv=None) -> int:
             print("error: interrupted (Ctrl-C); the MLflow run ends KILLED and the checkpoints stay: rerun with the "
                   "run's --run-name to resume", file=sys.stderr, flush=True)
         return 130
-    except RunFinished as e:
+    except JobError as e:
+        return ending(e, d)
+
+
+def ending(e: JobError, d: dist.Dist) -> int:
+    """Say once, on the rank that should, how a JobError ended the job → the exit status."""
+    if isinstance(e, RunFinished):
         if d.master:
             print(e, flush=True)
-        return e.exit_code
-    except JobError as e:
-        if not e.quiet and (isinstance(e, dist.PeerLost) or d.local_rank == 0):
-            return report(e)
-        return e.exit_code
+    elif not e.quiet and (isinstance(e, dist.PeerLost) or d.local_rank == 0):
+        return report(e)
+    return e.exit_code

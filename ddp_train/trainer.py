@@ -349,11 +349,10 @@ class Trainer:
             tracking.mark_failed(self.run_id, self.tracking_uri)
         self._exit.close()
         if lost:
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             then = (f"rerun with --run-name {self.run_name} (a requeued job does) to resume from the last checkpoint"
                     if self.ckpt.last else "no checkpoint was saved yet: rerun to start again") \
                 if hasattr(self, "ckpt") else "rerun to start again"
-            raise dist.PeerLost(f"rank {self.d.rank} lost its peers in epoch {self.epoch} ({first[-200:]}); a node, "
+            raise dist.PeerLost(f"rank {self.d.rank} lost its peers in epoch {self.epoch} ({dist.cause(exc)}); a node, "
                                 f"its link or another rank failed (--dist-timeout {self.cfg.dist_timeout} s); "
                                 f"{then}") from exc
         return False

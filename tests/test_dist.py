@@ -84,6 +84,15 @@ def test_peer_loss_is_recognised_in_each_wording_gloo_uses():
     assert not is_comm_failure(RuntimeError("CUDA out of memory")) and not is_comm_failure(ValueError("gloo"))
 
 
+def test_a_lost_peer_is_named_in_gloos_first_sentence_without_its_source_location():
+    from ddp_train.dist import cause
+    seen = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:7821. This is "
+            "typically caused by a remote worker crashing. Check the logs of the remote worker before reporting an "
+            "error. GLHF! 🏖️\nException raised from ...")
+    assert cause(RuntimeError(seen)) == "Connection closed by peer [127.0.0.1]:7821"
+    assert cause(RuntimeError("\n" + "x" * 300)) == "x" * 199 + "…"
+
+
 def test_every_restart_of_the_worker_group_forms_its_process_groups(tmp_path):
     """torchrun keeps one store for the whole job. gloo used to read there the addresses the previous attempt's
     dead workers had published and fail ('Gloo connectFullMesh failed ... Connection refused') or hang, in about
