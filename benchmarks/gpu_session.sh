@@ -8,8 +8,9 @@
 #   graph      gpu_step.py, the default step and both CUDA-graph variants at per-GPU batch 512, 256, 128, 64
 #   peers      peers.py on the full-size synthetic set: the trainer with each loader for 40 epochs, the plain
 #              DataLoader loop, the step alone
-#   default40  make train's command (ddp_train.launch → torchrun) for the 40-epoch default recipe, MLflow on (a
-#              sqlite store) when MLflow imports there, else --no-mlflow; its time budget
+#   default40  make train's command (ddp_train.launch → torchrun) for the 40-epoch default recipe, then the same with
+#              --fused-sgd (DEFAULT40_VARIANTS), MLflow on (a sqlite store) when MLflow imports there, else
+#              --no-mlflow; their time budgets
 #   compile    gpu_step.py, torch.compile default and reduce-overhead, twice: the second run finds the Inductor
 #              caches of the first (TORCHINDUCTOR_CACHE_DIR)
 #   autotune   gpu_step.py, max-autotune-no-cudagraphs, twice likewise
@@ -86,15 +87,21 @@ mlflow.__version__)" > "$W/mlflow_import.log" 2>&1; then
     fi
     echo "default40: MLflow $([ ${#mlflow[@]} = 0 ] && echo "on ($MLFLOW_TRACKING_URI)" || echo "off (no usable \
 MLflow: $W/mlflow_import.log)")"
-    # DEFAULT40_RUNS=2: once more into the same MLflow store (a store that exists, as in steady use)
+    # Each round runs every variant of DEFAULT40_VARIANTS in turn (default: the default recipe, then the same with
+    # --fused-sgd, the candidate default: issue 8 wants the whole trainer's numbers, warm-up included, before it
+    # changes); DEFAULT40_RUNS=2: a second round into the same MLflow store (a store that exists, as in steady use).
     for i in $(seq "${DEFAULT40_RUNS:-1}"); do
-        name=default40$([ "$i" = 1 ] || echo "-$i")
-        t0=$EPOCHREALTIME
-        stage "$name" "${DEFAULT40_LIMIT:-200}" "$PY" -m ddp_train.launch --data-dir /tmp/data -- --epochs 40 \
-            --out-dir "$W/runs" --run-name "$name" --progress line "${mlflow[@]}"
-        echo "$name: $(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}") s wall from the launch command to its exit" \
-            | tee "$W/${name}_wall.txt"
-        pack
+        for variant in ${DEFAULT40_VARIANTS:-default fused}; do
+            case $variant in default) extra=() ;; fused) extra=(--fused-sgd) ;;
+                *) echo "error: DEFAULT40_VARIANTS: unknown variant $variant (default, fused)"; BAD=1; continue ;; esac
+            name=default40$([ "$variant" = default ] || echo "-$variant")$([ "$i" = 1 ] || echo "-$i")
+            t0=$EPOCHREALTIME
+            stage "$name" "${DEFAULT40_LIMIT:-200}" "$PY" -m ddp_train.launch --data-dir /tmp/data -- --epochs 40 \
+                --out-dir "$W/runs" --run-name "$name" --progress line "${mlflow[@]}" "${extra[@]}"
+            echo "$name: $(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}") s wall from the launch command to its \
+exit" | tee "$W/${name}_wall.txt"
+            pack
+        done
     done
 fi
 if want peers; then

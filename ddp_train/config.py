@@ -60,6 +60,8 @@ class Config:
                             "off on CPU", ["auto", "bf16", "fp16", "off"])
     channels_last: bool = knob(True, "channels_last memory format for model and inputs")
     compile: bool = knob(False, "torch.compile the model", resumable=True)
+    fused_sgd: bool = knob(False, "SGD as one fused kernel for all parameters (PyTorch's default is foreach); the "
+                                  "step ran 1.12× as fast on one H100; the whole trainer is not measured yet")
     deterministic: bool = knob(False, "deterministic GPU kernels (slower); CPU runs are deterministic anyway")
     eval_batch_size: int = knob(1000, "per-rank batch size for evaluation", resumable=True)
     # run
@@ -139,10 +141,13 @@ class Config:
 
 
 RESUMABLE = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["resumable"])
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
 def resume_difference(saved: dict, current: dict) -> str:
-    """'' when a run with config `saved` may be continued under `current`, else the fields that differ."""
+    """'' when a run with config `saved` may be continued under `current`, else the fields that differ. A field the
+    saved config lacks (added to Config since) counts as its default, which keeps the earlier behaviour."""
+    saved = {**DEFAULTS, **saved}
     diff = [f"{k} {saved.get(k)!r} → {v!r}" for k, v in current.items() if k not in RESUMABLE and saved.get(k) != v]
     return ("the config differs: " + ", ".join(diff)) if diff else ""
 

@@ -48,7 +48,7 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, fused=cfg.fused_sgd or None)
 
 
 def wrap_model(model: nn.Module, cfg: Config, device: torch.device, distributed: bool) -> nn.Module:

@@ -135,13 +135,15 @@ def session(tmp_path, **env):
 def test_gpu_session_dry_run_checks_every_stage_and_returns_few_files(tmp_path):
     r, out, work = session(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    stages = re.findall(r"^=== (\w+) \(limit (\d+)s\): (.*)$", r.stdout, re.M)
-    assert [s[0] for s in stages] == ["variants", "graph", "prep", "default40", "peers", "compile_1", "compile_2",
-                                      "autotune_1", "autotune_2"]
+    stages = re.findall(r"^=== ([\w-]+) \(limit (\d+)s\): (.*)$", r.stdout, re.M)
+    assert [s[0] for s in stages] == ["variants", "graph", "prep", "default40", "default40-fused", "peers",
+                                      "compile_1", "compile_2", "autotune_1", "autotune_2"]
     assert sum(int(s[1]) for s in stages) > 480  # the deadline, not the stages' own limits, bounds the session
     cmds = {s[0]: s[2] for s in stages}
     assert "--batch 512,256,128,64" in cmds["graph"] and "--epochs 40" in cmds["peers"]
     assert "ddp_train.launch" in cmds["default40"] and "--no-mlflow" in cmds["default40"]  # dry run: no MLflow check
+    assert cmds["default40-fused"] == cmds["default40"].replace("--run-name default40", "--run-name default40-fused") \
+        + " --fused-sgd"  # the candidate default against the default, nothing else changed
     # each gpu_step.py selection was checked against the variant table, the peers plan against peers.py
     assert "CUDA graph with augmentation" in (work / "graph.variants").read_text()
     assert "max-autotune-no-cudagraphs" in (work / "autotune_1.variants").read_text()
@@ -159,5 +161,5 @@ def test_gpu_session_dry_run_checks_every_stage_and_returns_few_files(tmp_path):
 def test_gpu_session_parts_and_deadline(tmp_path):
     r, _, _ = session(tmp_path, PARTS="default40 autotune", DEADLINE="5")
     assert r.returncode == 0, r.stderr
-    assert re.findall(r"^=== (\w+): skipped, -?\d+ s left", r.stdout, re.M) == ["prep", "default40", "autotune_1",
-                                                                                "autotune_2"]
+    assert re.findall(r"^=== ([\w-]+): skipped, -?\d+ s left", r.stdout, re.M) == [
+        "prep", "default40", "default40-fused", "autotune_1", "autotune_2"]

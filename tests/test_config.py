@@ -97,6 +97,9 @@ def test_resumable_fields_are_how_a_run_executes_not_what_it_computes():
     saved = Config().to_dict()
     assert resume_difference(saved, {**saved, "num_workers": 9, "data_dir": "/x"}) == ""
     assert resume_difference(saved, {**saved, "epochs": 3}) == "the config differs: epochs 40 → 3"
+    older = {k: v for k, v in saved.items() if k != "fused_sgd"}  # a checkpoint from before the field existed
+    assert resume_difference(older, saved) == ""
+    assert resume_difference(older, {**saved, "fused_sgd": True}) == "the config differs: fused_sgd False → True"
 
 
 @pytest.mark.parametrize("text, shown", [
