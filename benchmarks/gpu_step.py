@@ -24,6 +24,8 @@ Variants for issue 8 (item 3: a faster step; item 6: DDP options), each with its
 - torch.compile of the model, modes reduce-overhead (CUDA graph trees) and max-autotune-no-cudagraphs; the
   Inductor caches live in TORCHINDUCTOR_CACHE_DIR, so a second run on the same machine shows the cached warm-up.
 - SGD foreach / fused (the trainer passes neither: PyTorch picks foreach on CUDA).
+- cuDNN's heuristics instead of its autotuning (torch.backends.cudnn.benchmark off): the step's speed against the
+  warm-up it saves.
 - DDP gradient_as_bucket_view, static_graph, bucket_cap_mb=100 (the default is 25), all three, and
   broadcast_buffers=False.
 A variant that fails is reported and the others still run; CUDA-only variants are listed as skipped on a CPU. On a
@@ -59,6 +61,7 @@ class Variant:
     ddp: tuple = None      # DDP keyword arguments as (key, value) pairs, over a one-rank NCCL group; None = no DDP
     sgd: str = ""          # "foreach" or "fused"; "" = the trainer's optimizer as is
     graph: str = ""        # "step": CUDA graph from the augmented batch on; "step+aug": from the uint8 batch on
+    autotune: bool = True  # torch.backends.cudnn.benchmark, as the trainer sets it on GPUs (off: cuDNN's heuristics)
 
     def skip_reason(self, cuda: bool) -> str:
         """Why this variant cannot run here ("" when it can)."""
@@ -85,6 +88,8 @@ VARIANTS = [
     # issue 8, item 3
     Variant("bf16 cl SGD foreach", sgd="foreach"),
     Variant("bf16 cl SGD fused", sgd="fused"),
+    # cuDNN autotuning is most of the trainer's first-epoch warm-up (2.4 s on one H100): what do its kernels buy?
+    Variant("bf16 cl no cuDNN autotuning", autotune=False),
     Variant("bf16 cl CUDA graph from the augmented batch", sgd="fused", graph="step"),
     Variant("bf16 cl CUDA graph with augmentation", sgd="fused", graph="step+aug"),
     Variant("bf16 cl compile reduce-overhead", compile="reduce-overhead"),
@@ -251,6 +256,7 @@ def run_variant(cfg, device, gen, batches, v: Variant, args, cuda) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     if v.compile:
         torch._dynamo.reset()  # each compiled variant starts from nothing in memory (Inductor's disk caches stay)
+    torch.backends.cudnn.benchmark = v.autotune
     t0 = time.perf_counter()
     capture_s = None
     if v.graph:
