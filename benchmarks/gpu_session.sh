@@ -79,6 +79,13 @@ if want peers || want default40 || want calib; then
     [ ${#preps[@]} = 0 ] || wait "${preps[@]}"  # not a bare wait: it would wait for the tee above too
 fi
 if want default40; then
+    # make train's launcher asks nvidia-smi for the GPUs: is that most of its 2.0 s before the trainer starts?
+    if [ "$DRY_RUN" != 1 ] && command -v nvidia-smi > /dev/null; then
+        t0=$EPOCHREALTIME
+        nvidia-smi --query-gpu=name --format=csv,noheader > /dev/null 2>&1
+        echo "default40: nvidia-smi --query-gpu=name took $(awk "BEGIN {printf \"%.2f\", $EPOCHREALTIME - $t0}") s" \
+            | tee "$W/nvidia_smi_time.txt"
+    fi
     mlflow=(--no-mlflow)
     if [ "$DRY_RUN" != 1 ] && "$PY" -c "import mlflow, mlflow.pytorch, sqlalchemy, alembic; print('mlflow', \
 mlflow.__version__)" > "$W/mlflow_import.log" 2>&1; then
@@ -147,6 +154,8 @@ for f in sorted(w.glob("*.json")):
               f"  MFU {100 * r['mfu']:5.1f} %  warm-up {r['warmup_s']:5.1f} s  loss {r['loss_last']:.3f}")
     for r in d["failed"]:
         print(f"  {r['variant']:44s} FAILED: {r['error'][:150]}")
+if (w / "nvidia_smi_time.txt").is_file():
+    print("\n" + (w / "nvidia_smi_time.txt").read_text().strip())
 if (w / "peers" / "peers.md").is_file():
     print("\npeers:\n" + (w / "peers" / "peers.md").read_text())
 for budget in sorted(w.glob("runs/default40*/time_budget.csv")):
