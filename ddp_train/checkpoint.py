@@ -160,8 +160,6 @@ class Checkpointer:
             if wait:
                 self._finish_write()
         dist.on_master(submit)
-        if not self.d.master:
-            self.last = target  # for this rank's messages; rank 0 names it once it is on disk
         return target
 
     def wait(self) -> None:
@@ -179,6 +177,16 @@ class Checkpointer:
                        f"{self.run_name} to resume from it" if self.last else "there is no earlier checkpoint"
             raise CheckpointError(f"cannot write checkpoint {target} ({e.strerror or e}); {previous}") from None
         self.last = target
+
+    def newest(self):
+        """The newest complete checkpoint (None: none yet), for a message on the way out. Rank 0 lets the write in
+        flight end first; another rank reads the directory, since it learns of rank 0's writes only at the next
+        save."""
+        if self.d.master:
+            self.close()
+            return self.last
+        found = list_checkpoints(self.dir)
+        return found[0] if found else None
 
     def close(self) -> None:
         """On the way out: let a write in flight finish (its file is complete or absent either way); once complete it

@@ -210,6 +210,9 @@ class Tracker:
                 mlflow.pytorch.log_model(model, name="model", input_example=input_example,
                                          registered_model_name=register_as or None, validate_serving_input=False,
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            # leaving start_run's block ended the run FINISHED; the job is not done until finish() says so (a rank 0
+            # killed after this point must leave a run that a survivor can mark FAILED)
+            self.client.update_run(self.run_id, status="RUNNING")
         self._guard("log_model", _log)
 
     def log_artifact(self, path: Path) -> None:

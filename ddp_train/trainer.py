@@ -234,7 +234,8 @@ class Trainer:
     def _diverged(self, epoch: int):
         seen = self.stopper.nonfinite_step
         where = f"at epoch {epoch}, step {seen} on rank {self.d.rank}" if seen else f"in epoch {epoch} on another rank"
-        last = f"the last good checkpoint is {self.ckpt.last}" if self.ckpt.last else "no checkpoint was saved yet"
+        newest = self.ckpt.newest()
+        last = f"the last good checkpoint is {newest}" if newest else "no checkpoint was saved yet"
         raise NonFiniteLoss(f"the training loss is not finite ({where}); nothing of it was saved and {last}; lower "
                             f"--lr ({self.cfg.lr:g}) or check the data")
 
@@ -343,15 +344,22 @@ class Trainer:
         lost = exc is not None and dist.is_comm_failure(exc)
         if exc is not None:
             self.status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
-        if lost and self.d.rank == 1 and getattr(self, "run_id", None):
-            # rank 0 may be the one that died (SIGKILL, OOM): then only a survivor can end its MLflow run. Done
-            # while our handlers still hold SIGTERM, which torchrun sends the survivors at once.
+        if lost and not self.d.master and getattr(self, "run_id", None):
+            # rank 0 may be the one that died (SIGKILL, OOM, its node lost with others): then only a survivor can
+            # end its MLflow run, and any may be the one left. Done while our handlers still hold SIGTERM, which
+            # torchrun sends the survivors at once.
             tracking.mark_failed(self.run_id, self.tracking_uri)
         self._exit.close()
         if lost:
-            then = (f"rerun with --run-name {self.run_name} (a requeued job does) to resume from the last checkpoint"
-                    if self.ckpt.last else "no checkpoint was saved yet: rerun to start again") \
-                if hasattr(self, "ckpt") else "rerun to start again"
+            newest = self.ckpt.newest() if hasattr(self, "ckpt") else None
+            rerun = f"rerun with --run-name {getattr(self, 'run_name', '')} (a requeued job does)"
+            if newest:
+                then = f"{rerun} to resume from {newest}"
+            elif self.d.master or not hasattr(self, "ckpt"):
+                then = "no checkpoint was saved yet: rerun to start again"
+            else:  # rank 0 may still complete the one it was writing
+                then = f"no checkpoint was complete when this rank looked; {rerun} resumes from one if rank 0 " \
+                       "completed it, else starts again"
             raise dist.PeerLost(f"rank {self.d.rank} lost its peers in epoch {self.epoch} ({dist.cause(exc)}); a node, "
                                 f"its link or another rank failed (--dist-timeout {self.cfg.dist_timeout} s); "
                                 f"{then}") from exc

@@ -93,6 +93,16 @@ def test_non_finite_loss_stops_every_rank_with_one_line_and_saves_nothing(synthe
     assert r.info.status == "FAILED" and not c.search_logged_models([r.info.experiment_id])
 
 
+def test_a_loss_that_diverges_after_a_checkpoint_names_it_though_it_was_written_in_the_background(synthetic_data,
+                                                                                                  tmp_path):
+    p = single(synthetic_data, "--norm", "gn", "--lr", "60", "--warmup-epochs", "3", "--epochs", "3", "--no-mlflow",
+               "--run-name", "d", cwd=tmp_path)  # finite through epoch 0, not in epoch 1 (CPU runs repeat exactly)
+    ckpt = tmp_path / "runs" / "d" / "checkpoints" / "ckpt_e0001_s000000.pt"
+    assert p.returncode == 1 and ckpt.is_file()
+    [line] = error_lines(p.stderr)
+    assert "not finite (at epoch 1," in line and f"the last good checkpoint is {ckpt.relative_to(tmp_path)}" in line
+
+
 def test_a_failure_after_the_last_epoch_fails_the_run_and_a_rerun_exports(synthetic_data, tmp_path, mlflow_env):
     """The final model cannot be written (its path is taken by a directory): one line, exit 1, MLflow run FAILED,
     the final checkpoint intact. Fixed and rerun, the job continues from that checkpoint into the same MLflow run

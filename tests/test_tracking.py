@@ -1,5 +1,5 @@
-"""tracking against a real MLflow server process: the REST API agrees with what the job printed; a server that is
-unreachable at start or killed mid-run never stops training, and nothing is lost (local fallback store)."""
+"""tracking against a real MLflow server process and store: the REST API agrees with what the job printed; a server
+that is unreachable at start or killed mid-run never stops training, and nothing is lost (local fallback store)."""
 import json
 import os
 import re
@@ -219,3 +219,25 @@ def test_ui_lists_the_run_and_renders_its_metric_charts(served_run, chromium, tm
     assert charts >= 4
     for shot in ("runs.png", "charts.png", "test_top1.png"):
         assert (tmp_path / shot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_logging_the_model_leaves_the_run_running_until_the_job_ends_it(tmp_path, monkeypatch):
+    """mlflow.pytorch.log_model needs an active run, and leaving start_run's block ends it FINISHED: a rank 0 killed
+    between the export and its last words left a FINISHED run that no survivor could mark FAILED."""
+    import torch
+    from mlflow import MlflowClient
+
+    from ddp_train import data
+    from ddp_train.models import build_model
+    from ddp_train.tracking import Tracker, mark_failed
+    monkeypatch.chdir(tmp_path)  # the store's artifacts (./mlruns)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    t = Tracker(True, uri, "unit", fallback_dir=tmp_path)
+    t.start("r", {"width": 8}, {})
+    example = data.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).numpy()
+    t.log_model(build_model("resnet18", 100, 8, "bn").eval(), example)
+    c = MlflowClient(uri)
+    assert t.errors == 0 and c.get_run(t.run_id).info.status == "RUNNING"
+    assert [m.name for m in c.search_logged_models([c.get_experiment_by_name("unit").experiment_id])] == ["model"]
+    mark_failed(t.run_id, uri)  # what a survivor does when rank 0 dies now
+    assert c.get_run(t.run_id).info.status == "FAILED"

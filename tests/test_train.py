@@ -165,7 +165,8 @@ def test_a_killed_worker_fails_the_job_and_the_mlflow_run(synthetic_data, tmp_pa
     assert proc.returncode != 0
     # torchrun SIGTERMs rank 0 at once: its line is still out, and it names the checkpoint written in the background
     [line] = [x for x in rest.splitlines() if x.startswith("error: rank 0 lost its peers in epoch")]
-    assert "rerun with --run-name" in line and "to resume from the last checkpoint" in line, line
+    named = re.search(r"rerun with --run-name \S+ \(a requeued job does\) to resume from (\S+\.pt)$", line)
+    assert named and (tmp_path / named[1]).is_file(), line
     c = client(mlflow_env)
     [r] = c.search_runs([c.get_experiment_by_name("tests").experiment_id])
     assert r.info.status in ("FAILED", "KILLED"), r.info.status
