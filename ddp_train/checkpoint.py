@@ -127,6 +127,9 @@ class Checkpointer:
             raise RunConflict(f"{self.dir} already holds checkpoints and --resume never would overwrite them; choose "
                               "a new --run-name, or --resume auto to continue the run")
         path, state, problems = load_latest(self.dir, self.public_config, self.manifest_sha, self.d.world_size, log)
+        if path is None and all("is unreadable" in p for p in problems):
+            raise RunConflict(f"every checkpoint in {self.dir} is unreadable, truncated or corrupt ({problems[0]}); "
+                              "move them out of that directory to start this run again, or choose a new --run-name")
         if path is None:
             raise RunConflict(f"no checkpoint in {self.dir} can continue this run ({problems[0]}); rerun with that "
                               f"run's config and data to resume it, or choose a new --run-name")

@@ -2,6 +2,8 @@
 import csv
 from pathlib import Path
 
+from data_prep.files import atomic_path
+
 
 def _figure(width: float, height: float, left: float = 0.06):
     """A figure saved straight to PNG, without pyplot's import and global figure registry and with fixed margins
@@ -29,7 +31,8 @@ def learning_curves(history: list, path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # a full disk leaves the old file or none, never a truncated picture
+        fig.savefig(tmp, dpi=100, format="png")
     return path
 
 
@@ -39,7 +42,7 @@ def per_superclass(counts: dict, names: list, csv_path: Path, png_path: Path) ->
     rows = [{"superclass": name, "images": n, "top1": round(100 * counts["top1_hits"][i] / n, 2),
              "superclass_top1": round(100 * counts["super_top1_hits"][i] / n, 2)}
             for i, (name, n) in enumerate(zip(names, counts["images"], strict=True)) if n]
-    with open(csv_path, "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -52,5 +55,6 @@ def per_superclass(counts: dict, names: list, csv_path: Path, png_path: Path) ->
     ax.invert_yaxis()
     ax.set(xlabel="% of the superclass's test images", xlim=(0, 100), title="test accuracy by superclass")
     ax.legend(loc="lower right")
-    fig.savefig(png_path, dpi=100)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return rows

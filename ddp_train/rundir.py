@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import socket
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class RunDir:
         self._lock = None
 
     def open(self, cfg: Config, manifest_sha: str, ident: dict) -> "RunDir":
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.path / ".lock", "a+")  # noqa: SIM115  (held open: the flock lives with it)
@@ -110,10 +112,20 @@ class RunDir:
             self.close()
             raise RunConflict(f"run directory {self.path} is in use by {holder}; wait for it to end or choose "
                               "another --run-name") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"pid {ident['pid']} on {ident['host']} since {_now('%Y-%m-%d %H:%M:%S')}\n")
-        self._lock.flush()
+        try:
+            self._lock.seek(0)
+            self._lock.truncate()
+            self._lock.write(f"pid {ident['pid']} on {ident['host']} since {_now('%Y-%m-%d %H:%M:%S')}\n")
+            self._lock.flush()
+            return self._take(cfg, manifest_sha, ident)
+        except OSError as e:  # a full or read-only disk: one line, and no directory of ours left behind
+            self.close()
+            if created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise JobError(f"cannot write to the run directory {self.path} ({e.strerror or e}); free space or "
+                           "choose another --out-dir") from None
+
+    def _take(self, cfg: Config, manifest_sha: str, ident: dict) -> "RunDir":
         # temporary files of a writer that was killed mid-write (atomic writes never leave a partial final name)
         for stale in [*self.path.glob(".*.tmp*"), *self.path.glob("checkpoints/.*.tmp*")]:
             stale.unlink(missing_ok=True)
@@ -143,6 +155,9 @@ class RunDir:
 
     def close(self) -> None:
         if self._lock is not None:
-            self._lock.close()  # releases the flock
-            self._lock = None
+            lock, self._lock = self._lock, None
+            try:
+                lock.close()  # releases the flock
+            except OSError:  # its buffered line could not land (disk full): the flock is released all the same
+                pass
 

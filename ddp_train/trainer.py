@@ -12,6 +12,7 @@ directory.
 """
 import contextlib
 import copy
+import errno
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from data_prep import manifest as manifest_lib
+from data_prep.manifest import atomic_write_bytes
 
 from . import data, dist, report, run_info, rundir, step, tracking
 from .budget import Budget
@@ -290,15 +292,29 @@ class Trainer:
         with self.budget.phase("export"):
             dist.on_master(self._export)
         if self.d.master:
-            (self.run_dir / "time_budget.csv").write_text(self.budget.csv())
+            with self._writing(f"the time budget {self.run_dir / 'time_budget.csv'}"):
+                atomic_write_bytes(self.run_dir / "time_budget.csv", self.budget.csv().encode())
             self.tracker.log_metrics(self.budget.metrics())
             self.tracker.log_artifact(self.run_dir / "time_budget.csv")
             self.log(self.budget.table())
-            self.run.finished(self.history[-1] if self.history else {}, self.tracker.run_id)
+            with self._writing(f"the run's record {self.run_dir / 'run.json'}"):
+                self.run.finished(self.history[-1] if self.history else {}, self.tracker.run_id)
             if self.tracker.errors:
                 self.log(f"warning: {self.tracker.errors} MLflow call(s) failed; see the warnings above")
             self.log(self.summary(), flush=True)
         dist.wait_for_master()
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """A file of the export that cannot be written (disk full, read-only) fails the run in one line; the writes
+        are atomic, so nothing half-written stays, and a rerun exports again from the final checkpoint."""
+        try:
+            yield
+        except OSError as e:
+            fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                f"make {self.run_dir} writable" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "fix that"
+            raise JobError(f"cannot write {what} ({e.strerror or e}); the final checkpoint {self.ckpt.last} is "
+                           f"intact: {fix} and rerun with --run-name {self.run_name} to export again") from None
 
     def summary(self) -> str:
         """The last lines of a run: the result, and where everything is, to copy from."""
@@ -318,20 +334,17 @@ class Trainer:
         final = copy.deepcopy(self.model).cpu().float().to(memory_format=torch.contiguous_format).eval()
         path = self.run_dir / "model.pt"
         metrics = self.history[-1] if self.history else {}
-        try:
+        with self._writing(f"the final model {path}"):
             save_atomic({"model": final.state_dict(), "config": self.cfg.public_dict(), "metrics": metrics,
                          "fine_label_names": self.manifest["fine_label_names"]}, path)
-        except OSError as e:
-            raise JobError(f"cannot write the final model {path} ({e.strerror or e}); the final checkpoint "
-                           f"{self.ckpt.last} is intact: free space and rerun with --run-name {self.run_name} to "
-                           "export again") from None
         self.log(f"saved {path}")
-        pictures = [report.learning_curves(self.history, self.run_dir / "learning_curves.png")] if self.history \
-            else []
-        if self.per_superclass:
-            table, chart = self.run_dir / "per_superclass.csv", self.run_dir / "per_superclass.png"
-            report.per_superclass(self.per_superclass, self.manifest["coarse_label_names"], table, chart)
-            pictures += [table, chart]
+        with self._writing(f"the run's pictures and tables in {self.run_dir}"):
+            pictures = [report.learning_curves(self.history, self.run_dir / "learning_curves.png")] \
+                if self.history else []
+            if self.per_superclass:
+                table, chart = self.run_dir / "per_superclass.csv", self.run_dir / "per_superclass.png"
+                report.per_superclass(self.per_superclass, self.manifest["coarse_label_names"], table, chart)
+                pictures += [table, chart]
         for picture in pictures:
             self.tracker.log_artifact(picture)
         reached = {k: v for h in self.history for k, v in h.items() if k.startswith("time_to_top1_")}

@@ -1,6 +1,7 @@
 """Shared fixtures: a synthetic CIFAR-100 prepared once per session through the real CLI, and helpers that run the
 project's commands as real processes (python -m …, torchrun) with their own MLflow store."""
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -38,6 +39,20 @@ def tmpfs(path, options):
         yield path
     finally:
         subprocess.run(["umount", path], check=True)
+
+
+def fill(directory):
+    """Write a file until its filesystem has no space left."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 20, 1 << 12):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
 
 
 def error_lines(stderr: str) -> list:

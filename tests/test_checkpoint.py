@@ -39,3 +39,23 @@ def test_falls_back_past_truncated_foreign_and_mismatched_checkpoints(tmp_path):
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     assert checkpoint.load_latest(tmp_path / "none", CFG, "abc", 1) == (None, None, [])
+
+
+def test_only_unreadable_checkpoints_are_named_corrupt_not_another_runs(tmp_path):
+    """Rerunning "with that run's config and data" cannot help when the files themselves are broken."""
+    import pytest
+
+    from ddp_train import dist
+    from ddp_train.config import Config
+    from ddp_train.rundir import RunConflict
+    cfg = Config(out_dir=str(tmp_path))
+    ckpt = checkpoint.Checkpointer(tmp_path / "r", "r", cfg, "abc", dist.from_env())
+    checkpoint.save(state(1, 0, config=cfg.public_dict()), checkpoint.path_for(ckpt.dir, 1, 0), keep=3)
+    assert ckpt.find(log=lambda _: None)[0] == checkpoint.path_for(ckpt.dir, 1, 0)
+    only = checkpoint.path_for(ckpt.dir, 1, 0)
+    only.write_bytes(only.read_bytes()[:200])  # truncated: copied off a full disk, or a failing one
+    with pytest.raises(RunConflict) as e:
+        ckpt.find(log=lambda _: None)
+    assert str(e.value) == (f"every checkpoint in {ckpt.dir} is unreadable, truncated or corrupt "
+                            "(ckpt_e0001_s000000.pt is unreadable (RuntimeError)); move them out of that directory "
+                            "to start this run again, or choose a new --run-name")

@@ -1,4 +1,5 @@
 """rundir: whose run a directory holds — names, restarts, reused Slurm job ids, the lock, the finished marker."""
+import os
 import subprocess
 import sys
 
@@ -6,6 +7,9 @@ import pytest
 
 from ddp_train import rundir
 from ddp_train.config import Config
+from ddp_train.errors import JobError
+
+from conftest import fill, tmpfs
 
 CFG = Config(out_dir="", width=8, batch_size=100)
 
@@ -96,3 +100,18 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one_in_use(tmp_path):
     path, loaded, _ = checkpoint.load_latest(ckpts, c.public_dict(), "sha", 1)
     assert path == checkpoint.path_for(ckpts, 1, 0) and loaded["epoch"] == 1
     assert isinstance(torch.load(path, weights_only=False), dict)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_a_full_disk_at_start_fails_in_one_line_and_leaves_no_run_directory(tmp_path):
+    with tmpfs(tmp_path / "small", "size=64k") as out:
+        fill(out)
+        run = rundir.RunDir(str(out), "r")
+        try:
+            with pytest.raises(JobError) as e:
+                run.open(cfg(out), "sha", ident())
+        finally:
+            run.close()  # as the trainer's exit does: no second error from the lock's unwritten line
+        assert str(e.value) == (f"cannot write to the run directory {out / 'r'} (No space left on device); free "
+                                "space or choose another --out-dir")
+        assert sorted(p.name for p in out.iterdir()) == ["filler"]

@@ -1,7 +1,6 @@
 """The Trainer's parts called one by one in this process, without torchrun or a process group: train_epoch,
 evaluate, end_epoch and finish; and the one exit, which ends the MLflow run with the status of how the block ended
 and frees the run directory; a disk that fills before the final model is written."""
-import errno
 import os
 
 import pytest
@@ -13,7 +12,7 @@ from ddp_train.errors import JobError
 from ddp_train.train import preflight
 from ddp_train.trainer import Trainer
 
-from conftest import FAST, tmpfs
+from conftest import FAST, fill, tmpfs
 
 RECIPE = [*FAST, "--epochs", "2", "--no-system-metrics", "--run-name", "unit", "--experiment", "unit"]
 
@@ -68,20 +67,6 @@ def test_an_exception_in_the_loop_ends_the_run_failed_and_frees_its_directory(sy
     assert found[-1].info.status == "FINISHED" and len(found[-1].data.metrics) > 0
 
 
-def fill(directory):
-    """Write a file until its filesystem has no space left."""
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (1 << 20, 1 << 12):
-            try:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
 def test_a_full_disk_at_export_fails_the_run_in_one_line_and_keeps_the_final_checkpoint(synthetic_data, tmp_path,
                                                                                         mlflow_env):
@@ -102,3 +87,22 @@ def test_a_full_disk_at_export_fails_the_run_in_one_line_and_keeps_the_final_che
         assert torch.load(run_dir / "checkpoints" / "ckpt_e0001_s000000.pt", weights_only=False)["epoch"] == 1
         _, [r] = runs(mlflow_env)
         assert r.info.status == "FAILED"
+
+
+def test_a_picture_that_cannot_be_written_fails_the_run_in_one_line_after_the_model(synthetic_data, tmp_path,
+                                                                                    mlflow_env):
+    """A directory takes the learning curves' path: the model is saved, then one line, nothing half-written."""
+    run_dir = tmp_path / "runs" / "unit"
+    (run_dir / "learning_curves.png").mkdir(parents=True)
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env)
+    with pytest.raises(JobError) as e, Trainer(cfg, d, manifest) as t:
+        train = t.train_epoch(0)
+        t.end_epoch(0, train, t.evaluate())
+        t.finish()
+    assert str(e.value) == (f"cannot write the run's pictures and tables in {run_dir} (Is a directory); the final "
+                            f"checkpoint {run_dir / 'checkpoints' / 'ckpt_e0001_s000000.pt'} is intact: fix that and "
+                            "rerun with --run-name unit to export again")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "learning_curves.png", "model.pt",
+                                                         "run.json"]  # no temporary file left
+    _, [r] = runs(mlflow_env)
+    assert r.info.status == "FAILED"
