@@ -18,7 +18,7 @@ from data_prep.manifest import atomic_file
 
 from . import dist
 from .config import Config, resume_difference
-from .errors import JobError
+from .errors import JobError, remedy
 from .rundir import RunConflict
 
 VERSION = 1
@@ -176,7 +176,7 @@ class Checkpointer:
         try:
             future.result()
         except OSError as e:
-            previous = f"the previous checkpoint {self.last} is intact; free space and rerun with --run-name " \
+            previous = f"the previous checkpoint {self.last} is intact; {remedy(e)} and rerun with --run-name " \
                        f"{self.run_name} to resume from it" if self.last else "there is no earlier checkpoint"
             raise CheckpointError(f"cannot write checkpoint {target} ({e.strerror or e}); {previous}") from None
         self.last = target

@@ -21,6 +21,16 @@ class ConfigError(JobError):
     exit_code = EXIT_USAGE
 
 
+def remedy(e: OSError) -> str:
+    """What a person does about a write that failed with `e`."""
+    import errno
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "make it writable"
+    return "fix that"
+
+
 def report(e: JobError, file=None) -> int:
     """Print the error as one line and return its exit status."""
     print(f"error: {' '.join(str(e).split())}", file=file or sys.stderr, flush=True)

@@ -12,7 +12,6 @@ directory.
 """
 import contextlib
 import copy
-import errno
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from . import data, dist, report, run_info, rundir, step, tracking
 from .budget import Budget
 from .checkpoint import Checkpointer, save_atomic
 from .config import Config
-from .errors import EXIT_REQUEUE, JobError
+from .errors import EXIT_REQUEUE, JobError, remedy
 from .models import build_model
 from .stop import NonFiniteLoss, StopAgreement
 
@@ -311,10 +310,8 @@ class Trainer:
         try:
             yield
         except OSError as e:
-            fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
-                f"make {self.run_dir} writable" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "fix that"
             raise JobError(f"cannot write {what} ({e.strerror or e}); the final checkpoint {self.ckpt.last} is "
-                           f"intact: {fix} and rerun with --run-name {self.run_name} to export again") from None
+                           f"intact: {remedy(e)} and rerun with --run-name {self.run_name} to export again") from None
 
     def summary(self) -> str:
         """The last lines of a run: the result, and where everything is, to copy from."""
