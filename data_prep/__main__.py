@@ -1,7 +1,10 @@
 """python -m data_prep: CIFAR-100 (download, local archive/directory, or synthetic) → data/*.beton + manifest.json"""
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -13,8 +16,10 @@ from ddp_train.errors import ConfigError, JobError, exit_now, report
 from . import cifar
 from .beton import write_dataset
 from .cifar import ARCHIVE_NAME, DataError
-from .files import digest, missing_dirs, writable
+from .files import digest, missing_dirs, remove_empty, writable
 from .manifest import MANIFEST, verify
+
+LOCK = ".prep.lock"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +88,9 @@ def check(args) -> None:
                                                    f"from 0 to 1, got {args.synthetic_label_noise}")
         spec = dataclasses.replace(spec, label_noise=args.synthetic_label_noise)
     args.spec = spec
-    need(args.workers >= 1, f"--workers must be at least 1 writer process, got {args.workers}")
+    most = max(64, 4 * (os.cpu_count() or 1))
+    need(1 <= args.workers <= most, f"--workers is 1 to {most} writer processes (4 per CPU, at least 64), got "
+                                    f"{args.workers}")
     for flag, path in (("--out", args.out), ("--download-dir", args.download_dir)):
         if path is not None and (flag == "--out" or args.source == "download"):
             need(not path.exists() or path.is_dir(), f"{flag} {path} is a file; choose a directory")
@@ -145,28 +152,62 @@ def up_to_date(out: Path, request: dict) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def only_writer(out: Path):
+    """Hold OUT/.prep.lock (flock) while this process prepares OUT: a second data prep into the same directory is
+    refused instead of removing the first one's temporary files. A directory this creates is removed again when
+    the block fails."""
+    created = missing_dirs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK, "a")  # noqa: SIM115  (held open: the flock lives with it)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"another data prep is writing {out}; wait for it to end or choose another --out") \
+                from None
+        yield
+    except BaseException:
+        if created:
+            (out / LOCK).unlink(missing_ok=True)
+            remove_empty(created)
+        raise
+    finally:
+        lock.close()
+
+
 def main(argv=None) -> int:
     # SIGTERM unwinds like Ctrl-C so that temporary files are removed; nothing half-written keeps a final name.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, stop)
     try:
         args = parse_args(argv)
         check(args)
         request = request_of(args)
-        for stale in args.out.glob(".cifar100_*.tmp*"):
-            stale.unlink()
-        if not args.force and up_to_date(args.out, request):
-            print(f"{args.out}/{MANIFEST} is up to date with --source {args.source}: nothing to do (--force redoes)")
-            return 0
-        t0 = time.time()
-        ds = load(args, request)
-        print(f"read {len(ds.train.images)} train / {len(ds.test.images)} test images from {ds.source} "
-              f"({ds.checksum}{', official' if ds.official else ', custom'})")
-        m = write_dataset(ds, args.out, request, workers=args.workers)
+        with only_writer(args.out):
+            for stale in args.out.glob(".cifar100_*.tmp*"):  # of a prep that was killed: no other one is running
+                stale.unlink()
+            if not args.force and up_to_date(args.out, request):
+                print(f"{args.out}/{MANIFEST} is up to date with --source {args.source}: nothing to do (--force "
+                      "redoes)")
+                return 0
+            t0 = time.time()
+            ds = load(args, request)
+            print(f"read {len(ds.train.images)} train / {len(ds.test.images)} test images from {ds.source} "
+                  f"({ds.checksum}{', official' if ds.official else ', custom'})")
+            m = write_dataset(ds, args.out, request, workers=args.workers)
     except JobError as e:
         return report(e)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing half-written was kept, rerun to prepare the data", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("error: not enough memory to hold the data set (a CIFAR-100 image takes about 3 KB, twice while its "
+              "beton is checked); ask for fewer images or use a machine with more memory", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        how = f"stopped by {e.args[0]}" if e.args else "interrupted"
+        print(f"error: {how}; the data set that was there (if any) is unchanged and nothing half-written was kept; "
+              "rerun to prepare the data", file=sys.stderr)
+        return 143 if e.args else 130
     print(f"wrote {args.out}/{MANIFEST}: train {m['splits']['train']['count']}, test {m['splits']['test']['count']} "
           f"images, verified by read-back, in {time.time() - t0:.1f} s")
     return 0

@@ -125,34 +125,37 @@ def _verify_readback(split: Split, path: Path, name: str) -> None:
 
 
 def write_dataset(ds: Cifar100, out: Path, request: dict, workers: int = 2, log=print) -> dict:
-    """Write both betons and the manifest. Each file appears under its final name only when complete, and the
-    manifest (which vouches for the betons) is removed first and written last. On any failure the betons of this
-    directory are removed too (without the manifest they are not data), and a failed write becomes one DataError."""
-    target, created = out, missing_dirs(out)
+    """Write both betons and the manifest, replacing a set already in `out` only once the new one is complete:
+    each beton is written and read back under a temporary name; then the old manifest (which vouches for the
+    betons) goes, the betons are renamed into place and the new manifest is written last. A failure or a stop
+    before that leaves the old set as it was and no temporary file; a failed write becomes one DataError."""
+    target, created, swapping = out, missing_dirs(out), False
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)
         splits = {}
-        for name in SPLITS:
-            split: Split = getattr(ds, name)
-            target = out / beton_name(name)
-            log(f"writing {len(split.images)} {name} images → {target}")
-            with atomic_path(target) as tmp:
+        with contextlib.ExitStack() as staged:  # leaving it renames each beton into place (or removes it on failure)
+            for name in SPLITS:
+                split: Split = getattr(ds, name)
+                target = out / beton_name(name)
+                log(f"writing {len(split.images)} {name} images → {target}")
+                tmp = staged.enter_context(atomic_path(target))
                 _write_beton(split, tmp, workers)
                 _verify_readback(split, tmp, name)
-            st = target.stat()  # after the rename, which keeps it: the quick verify compares this mtime
-            splits[name] = {"file": target.name, "count": len(split.images), "bytes": st.st_size,
-                            "mtime_ns": st.st_mtime_ns, "sha256": sha256sum(target),
-                            "fine_present": np.unique(split.fine).tolist(),
-                            "coarse_present": np.unique(split.coarse).tolist()}
-        target = out / MANIFEST
+                st = tmp.stat()  # the rename keeps size and mtime: the quick verify compares this mtime
+                splits[name] = {"file": target.name, "count": len(split.images), "bytes": st.st_size,
+                                "mtime_ns": st.st_mtime_ns, "sha256": sha256sum(tmp),
+                                "fine_present": np.unique(split.fine).tolist(),
+                                "coarse_present": np.unique(split.coarse).tolist()}
+            target, swapping = out / MANIFEST, True
+            target.unlink(missing_ok=True)
         manifest = _manifest(ds, request, splits)
         atomic_write_bytes(target, (json.dumps(manifest, indent=1) + "\n").encode())
         return manifest
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            for name in SPLITS:
-                (out / beton_name(name)).unlink(missing_ok=True)
+        if swapping:  # the old manifest is gone: betons without one are not data
+            with contextlib.suppress(OSError):
+                for name in SPLITS:
+                    (out / beton_name(name)).unlink(missing_ok=True)
         remove_empty(created)
         if isinstance(e, OSError):
             raise DataError(cannot_write(target, e)) from None

@@ -6,6 +6,7 @@ import pickle
 import socket
 import tarfile
 import urllib.error
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def read_archive(path: Path, allow_custom: bool) -> Cifar100:
     try:
         if not tarfile.is_tarfile(path):
             raise not_an_archive
-    except (tarfile.TarError, EOFError, OSError):  # a truncated or corrupt gzip stream
+    except (tarfile.TarError, EOFError, OSError, zlib.error):  # a truncated or corrupt gzip stream
         raise not_an_archive from None
     md5 = digest(path, "md5")
     official = md5 == ARCHIVE_MD5
@@ -151,12 +152,18 @@ def read_archive(path: Path, allow_custom: bool) -> Cifar100:
         with tarfile.open(path, "r:*") as tar:
             def get(name):
                 try:
-                    return tar.extractfile(f"{MEMBER_DIR}/{name}").read()
+                    member = tar.extractfile(f"{MEMBER_DIR}/{name}")
                 except KeyError:
+                    member = None
+                if member is None:  # absent, or a directory or link rather than a file
                     raise DataError(f"{path}: no member {MEMBER_DIR}/{name}; "
-                                    f"expected the layout of the official {ARCHIVE_NAME}") from None
-            return read_members(get, str(path), f"md5:{md5}", official)
-    except (tarfile.TarError, EOFError, OSError) as e:
+                                    f"expected the layout of the official {ARCHIVE_NAME}")
+                return member.read()
+            ds = read_members(get, str(path), f"md5:{md5}", official)
+            while tar.fileobj.read(1 << 20):  # to the end of the stream: gzip checks its CRC only there
+                pass
+            return ds
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: not a readable tar.gz archive ({type(e).__name__}); "
                         f"re-download {ARCHIVE_NAME} or pass its extracted directory") from None
 

@@ -27,6 +27,9 @@ def read_manifest(data_dir: Path) -> dict:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path} is not valid JSON; rerun data prep with --force") from None
+    if not isinstance(m, dict):
+        raise DataError(f"{path} is not a data prep manifest (a JSON {type(m).__name__}); rerun data prep with "
+                        "--force") from None
     if m.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format version {m.get('format_version')}, this code reads {FORMAT_VERSION}; "
                         "rerun data prep with --force")

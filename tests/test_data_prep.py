@@ -59,7 +59,7 @@ def test_beton_round_trip_is_bit_identical(synthetic_data, tmp_path):
     assert m["fine_to_coarse"] == cifar.FINE_TO_COARSE
     assert m["fields"]["fine_label"] == "IntField 0..99" and m["fields"]["coarse_label"] == "IntField 0..19"
     assert m["source"] == "synthetic" and m["source_checksum"].startswith("md5:") and not m["official"]
-    assert not list(synthetic_data.glob(".*"))  # no temporary file left
+    assert [p.name for p in synthetic_data.glob(".*")] == [".prep.lock"]  # no temporary file left
 
 
 def test_synthetic_is_in_the_official_pickle_layout(tmp_path):
@@ -154,28 +154,46 @@ def test_download_fails_fast_offline_naming_both_alternatives(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_interrupted_prep_never_leaves_data_that_verifies(tmp_path):
-    out = tmp_path / "d"
-    prep_synthetic(out, 200, 100)
-    assert verify(out)
-    # Redo it bigger and SIGKILL it while the first beton is being written.
+def start_bigger_prep(out):
+    """Redo `out` bigger (--force) in a process group; → the process, once its train beton is being written."""
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out,
                              "--synthetic-train", "30000", "--synthetic-test", "100", "--synthetic-difficulty", "easy",
-                             "--force"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(out.glob(".cifar100_train.beton.tmp*")):
         assert proc.poll() is None and time.monotonic() < deadline, "prep ended before writing"
         time.sleep(0.05)
+    return proc
+
+
+def test_a_killed_re_prep_leaves_the_old_set_as_it_was(tmp_path):
+    out = tmp_path / "d"
+    prep_synthetic(out, 200, 100)
+    proc = start_bigger_prep(out)
     os.killpg(proc.pid, signal.SIGKILL)  # the prep and its FFCV writer processes, as a killed job would be
-    proc.wait()
-    with pytest.raises(DataError, match="no prepared data"):
-        verify(out)
-    # the next prep sees nothing valid, cleans the temporary files and redoes the work
+    proc.communicate()
+    assert verify(out, full=True)["splits"]["train"]["count"] == 200  # the new set replaces it only when complete
+    # the next prep removes the killed one's temporary files and finds the set it asks for
     p = prep_synthetic(out, 200, 100)
-    assert "nothing to do" not in p.stdout
-    assert verify(out)["splits"]["train"]["count"] == 200
-    assert not list(out.glob(".*tmp*"))
+    assert "nothing to do" in p.stdout and not list(out.glob(".*tmp*"))
+
+
+def test_a_second_prep_into_a_directory_being_written_is_refused_and_sigterm_keeps_the_old_set(tmp_path):
+    out = tmp_path / "d"
+    prep_synthetic(out, 200, 100)
+    proc = start_bigger_prep(out)
+    p = run([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out, "--synthetic-train", 200,
+             "--synthetic-test", 100, "--force"])
+    assert p.returncode == 1 and error_lines(p.stderr) == [f"error: another data prep is writing {out}; wait for it "
+                                                           "to end or choose another --out"], p.stderr
+    assert list(out.glob(".cifar100_train.beton.tmp*"))  # the writer's temporary file was left alone
+    proc.send_signal(signal.SIGTERM)  # the prep alone, as Slurm's or docker's stop reaches it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.splitlines() == [
+        "error: stopped by SIGTERM; the data set that was there (if any) is unchanged and nothing half-written was "
+        "kept; rerun to prepare the data"], err
+    assert verify(out, full=True)["splits"]["train"]["count"] == 200 and not list(out.glob(".*tmp*"))
 
 
 @pytest.fixture
@@ -212,7 +230,7 @@ def test_quick_verify_trusts_size_and_mtime_and_full_verify_hashes(prepared):
         verify(prepared)
 
 
-def test_verify_rejects_truncated_and_replaced_betons(prepared):
+def test_verify_rejects_truncated_and_replaced_betons_and_a_manifest_that_is_not_one(prepared):
     beton = prepared / "cifar100_test.beton"
     data = beton.read_bytes()
     st = beton.stat()
@@ -226,4 +244,7 @@ def test_verify_rejects_truncated_and_replaced_betons(prepared):
         verify(prepared)
     beton.unlink()
     with pytest.raises(DataError, match="missing"):
+        verify(prepared)
+    (prepared / MANIFEST).write_text("[]")  # valid JSON, not a manifest
+    with pytest.raises(DataError, match=r"manifest.json is not a data prep manifest \(a JSON list\)"):
         verify(prepared)

@@ -55,6 +55,23 @@ def no_members(tmp_path):
     return path
 
 
+def directory_member(tmp_path):
+    """The official layout, except that train is a directory."""
+    path = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tmp_path, arcname="cifar-100-python/train", recursive=False)
+    return path
+
+
+def flipped(path):
+    """The archive with one bit of the CRC-32 in its gzip trailer flipped: every member still reads and unpickles,
+    as after a flip in pixel data, and only gzip's check at the end of the stream can notice."""
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
+
+
 def a_file(tmp_path, name="a-file", data=b"not an archive\n"):
     path = tmp_path / name
     path.write_bytes(data)
@@ -73,8 +90,11 @@ CASES = {
     "noise nan": (lambda t, o: [*SYN, "--out", o, "--synthetic-noise", "nan"], 2, "--synthetic-noise is a pixel"),
     "seed negative": (lambda t, o: [*SYN, "--out", o, "--synthetic-seed", "-1"], 2,
                       "--synthetic-seed must be 0 or more, got -1"),
-    "workers 0": (lambda t, o: [*SYN, "--out", o, "--workers", "0"], 2,
-                  "--workers must be at least 1 writer process, got 0"),
+    "workers 0": (lambda t, o: [*SYN, "--out", o, "--workers", "0"], 2, ("--workers is 1 to ", "got 0")),
+    "workers 100000": (lambda t, o: [*SYN, "--out", o, "--workers", "100000"], 2,  # once forked them all
+                       ("--workers is 1 to ", "writer processes (4 per CPU, at least 64), got 100000")),
+    "more images than memory": (lambda t, o: [*SYN, "--out", o, "--synthetic-train", "100000000"], 1,
+                                "not enough memory to hold the data set"),
     "workers not a number": (lambda t, o: [*SYN, "--out", o, "--workers", "two"], 2,
                              "argument --workers: invalid int value: 'two'; see python -m data_prep --help"),
     "unknown flag": (lambda t, o: [*SYN, "--out", o, "--sythetic-train", "5"], 2,
@@ -113,6 +133,11 @@ CASES = {
                                        "fine class 0 appears under superclasses 0 and 1"),
     "no class names": (lambda t, o: ["--source", labelled(t, [], ["x"], [(0, 0)], [(0, 0)]), "--out", o,
                                      "--allow-custom"], 1, "meta lists 0 fine and 1 coarse class names"),
+    "a member that is a directory": (lambda t, o: ["--source", directory_member(t), "--out", o, "--allow-custom"],
+                                     1, "no member cifar-100-python/train"),
+    "a corrupt gzip stream": (lambda t, o: ["--source", flipped(labelled(t, ["a", "b"], ["x"], [(0, 0), (1, 0)],
+                                                                         [(1, 0)])), "--out", o, "--allow-custom"],
+                              1, "custom.tar.gz: not a readable tar.gz archive"),
     "labels without images": (lambda t, o: ["--source", archive(t, {b"data": np.zeros((2, 3072), np.uint8),
                                                                     b"fine_labels": [0, 1, 1],
                                                                     b"coarse_labels": [0, 0, 0]}),
@@ -180,3 +205,22 @@ def test_a_full_disk_fails_in_one_line_and_leaves_nothing(tmp_path, size, train,
                                           "device; free space or choose another --out")]
         assert not any(fs.iterdir())  # no temporary file, no beton, no manifest, not even the directory it made
 
+
+
+def test_a_re_prep_that_fills_the_disk_keeps_the_set_that_was_there(tmp_path):
+    """The new betons are staged beside the old set, which is replaced only once they are complete. FFCV pads each
+    beton to whole 8 MiB pages per writer: the 200/100 set takes 33 MB, leaving too little for a new train beton."""
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_ONLY)
+    with tmpfs(tmp_path / "small", "size=48m") as fs:
+        out = fs / "data"
+        assert prep("--source", "synthetic", "--out", out, "--synthetic-train", 200, "--synthetic-test", 100,
+                    "--synthetic-difficulty", "easy").returncode == 0
+        p = prep("--source", "synthetic", "--out", out, "--synthetic-train", 5000, "--synthetic-test", 100,
+                 "--synthetic-difficulty", "easy", "--force")
+        assert p.returncode == 1 and p.stderr.splitlines() == [
+            f"error: cannot write {out}/cifar100_train.beton: No space left on device; free space or choose another "
+            "--out"], p.stderr
+        assert verify(out, full=True)["splits"]["train"]["count"] == 200
+        assert sorted(p.name for p in out.iterdir()) == [".prep.lock", "cifar100_test.beton", "cifar100_train.beton",
+                                                         "manifest.json"]
