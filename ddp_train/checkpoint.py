@@ -126,7 +126,17 @@ class Checkpointer:
         if self.cfg.resume == "never":
             raise RunConflict(f"{self.dir} already holds checkpoints and --resume never would overwrite them; choose "
                               "a new --run-name, or --resume auto to continue the run")
-        path, state, problems = load_latest(self.dir, self.public_config, self.manifest_sha, self.d.world_size, log)
+        passed_over = []  # said only when an older checkpoint is used: when none is, the one error line says why
+        path, state, problems = load_latest(self.dir, self.public_config, self.manifest_sha, self.d.world_size,
+                                            passed_over.append)
+        for line in passed_over if path is not None else ():
+            log(line)
+        sizes = {int(m[1]) for m in (re.search(r"stopped mid-epoch with world size (\d+),", p) for p in problems) if m}
+        if path is None and len(sizes) == 1 and all("stopped mid-epoch with world size" in p for p in problems):
+            [size] = sizes
+            raise RunConflict(f"the checkpoints in {self.dir} stopped mid-epoch with world size {size} and this job "
+                              f"has {self.d.world_size}; rerun with {size} rank(s) to resume, or choose a new "
+                              "--run-name")
         if path is None and all("is unreadable" in p for p in problems):
             raise RunConflict(f"every checkpoint in {self.dir} is unreadable, truncated or corrupt ({problems[0]}); "
                               "move them out of that directory to start this run again, or choose a new --run-name")

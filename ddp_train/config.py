@@ -32,7 +32,8 @@ class Config:
     loader: str = knob("auto", "resident: the splits read once into device memory and batched there; ffcv: FFCV "
                                "loaders; auto: resident on a GPU when the splits fit, else ffcv (the same batches "
                                "either way)", ["auto", "ffcv", "resident"], resumable=True)
-    num_workers: int = knob(4, "FFCV loader threads per process", resumable=True)
+    num_workers: int = knob(4, "FFCV loader threads per process (FFCV also makes it torch's CPU thread count)",
+                            resumable=True)
     verify_data: bool = knob(False, "hash every beton against the manifest at start (by default only files whose "
                                     "size or mtime changed since prep are hashed)", resumable=True)
     # model

@@ -61,20 +61,19 @@ def main(argv=None) -> int:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         with budget.phase("process_group"):
             dist.init(d, cfg.dist_timeout)
-        try:
-            # From the Trainer's start until this rank has said how it ended, SIGTERM is only noted (the Trainer's
-            # own handlers act on it while it trains): torchrun sends it to the survivors as soon as one rank dies,
-            # and it must not cut short the line that says why.
-            with StopAgreement():
-                try:
-                    with Trainer(cfg, d, manifest, budget) as trainer:
-                        code = trainer.train()
-                    dist.flush_sends()  # the others have rank 0's last word before its process group goes
-                    return code
-                except JobError as e:
-                    return ending(e, d)
-        finally:
-            dist.cleanup()
+        # From the Trainer's start until this rank has said how it ended, SIGTERM is only noted (the Trainer's own
+        # handlers act on it while it trains): torchrun sends it to the survivors as soon as one rank dies or
+        # leaves, and it must not cut short the line that says why, or turn a checkpointed stop's 3 into a kill.
+        with StopAgreement():
+            try:
+                with Trainer(cfg, d, manifest, budget) as trainer:
+                    code = trainer.train()
+                dist.flush_sends()  # the others have rank 0's last word before its process group goes
+                return code
+            except JobError as e:
+                return ending(e, d)
+            finally:
+                dist.cleanup()
     except KeyboardInterrupt:  # Ctrl-C: the MLflow run ended KILLED on the way out; the checkpoints stay
         if d.local_rank == 0:
             print("error: interrupted (Ctrl-C); the MLflow run ends KILLED and the checkpoints stay: rerun with the "

@@ -115,6 +115,8 @@ class Trainer:
             self.tracker.start(self.run_name, {**cfg.public_dict(), **counts}, self._tags(manifest_sha),
                                resume_run_id=self.resume_run_id)
             self.tracker.log_inputs(lambda: run_info.datasets(self.manifest, manifest_sha))
+            for epoch, metrics in enumerate(self.history):  # epochs of attempts that were not tracked (--no-mlflow)
+                self.tracker.log_epoch(metrics, epoch)     # (a continued run skips those it holds)
             dist.wait_for_master()
         self.run_id, self.tracking_uri = dist.broadcast_object((self.tracker.run_id, self.tracker.uri))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
@@ -208,6 +210,7 @@ class Trainer:
                 self._diverged(epoch)
             if stop:
                 self.stopper.drain()
+                self.step_logger.flush()  # the last step metric logged before the stop, not lost with it
                 seconds = elapsed + time.perf_counter() - t0
                 with self.budget.phase("checkpoints"):
                     target = self.ckpt.save(epoch, i + 1, self.state_dict, self._rank_state(gen, sums, seconds),
@@ -273,7 +276,9 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "history": self.history, "per_superclass": self.per_superclass, "mlflow_run_id": self.tracker.run_id}
+                "history": self.history, "per_superclass": self.per_superclass,
+                # an attempt with --no-mlflow passes on the run it resumed, so the next tracked attempt continues it
+                "mlflow_run_id": self.tracker.run_id or self.resume_run_id}
 
     def _rank_state(self, gen=None, sums=None, seconds=0.0) -> dict:
         return {"torch_rng": torch.get_rng_state(),

@@ -59,3 +59,25 @@ def test_only_unreadable_checkpoints_are_named_corrupt_not_another_runs(tmp_path
     assert str(e.value) == (f"every checkpoint in {ckpt.dir} is unreadable, truncated or corrupt "
                             "(ckpt_e0001_s000000.pt is unreadable (RuntimeError)); move them out of that directory "
                             "to start this run again, or choose a new --run-name")
+
+
+def test_a_run_stopped_mid_epoch_on_other_ranks_is_refused_in_one_line_naming_the_rank_count(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from ddp_train import dist
+    from ddp_train.config import Config
+    from ddp_train.rundir import RunConflict
+    cfg = Config(out_dir=str(tmp_path))
+    two = dataclasses.replace(dist.from_env(), world_size=2)
+    ckpt = checkpoint.Checkpointer(tmp_path / "r", "r", cfg, "abc", two)
+    for step in (3, 7):  # two stops, both on one rank
+        checkpoint.save(state(1, step, config=cfg.public_dict(), world_size=1), checkpoint.path_for(ckpt.dir, 1, step),
+                        keep=3)
+    said = []
+    with pytest.raises(RunConflict) as e:
+        ckpt.find(log=said.append)
+    assert said == []  # no "trying the previous one" lines before the error
+    assert str(e.value) == (f"the checkpoints in {ckpt.dir} stopped mid-epoch with world size 1 and this job has 2; "
+                            "rerun with 1 rank(s) to resume, or choose a new --run-name")

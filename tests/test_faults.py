@@ -330,6 +330,21 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == [0, 1, 2]
 
 
+def test_a_second_signal_soon_after_the_stop_still_ends_with_status_3(synthetic_data, tmp_path):
+    """Slurm, a person or torchrun may repeat SIGTERM: once the ranks have checkpointed, the stop is the answer to
+    both (it once arrived during Python's 2-s teardown and turned the 3 into a kill)."""
+    proc = popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *FAST, "--epochs", "20",
+                  "--no-mlflow", "--run-name", "s"], tmp_path, {})
+    out = []
+    read_until(proc, "epoch 0 |", out)
+    proc.send_signal(signal.SIGTERM)
+    read_until(proc, "stopped by signal 15 at epoch 1", out)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, "".join(out) + rest
+
+
 def as_in_a_terminal():
     """SIGINT as a terminal's foreground job has it. A shell's background job (`cmd &`, as a CI script may start
     the suite) inherits SIGINT ignored, and Python then leaves it ignored: Ctrl-C could not reach the trainer."""

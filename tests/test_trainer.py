@@ -2,6 +2,7 @@
 evaluate, end_epoch and finish; and the one exit, which ends the MLflow run with the status of how the block ended
 and frees the run directory; a disk that fills before the final model is written."""
 import os
+import signal
 
 import pytest
 import torch
@@ -22,9 +23,9 @@ def in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's artifacts (./mlruns beside the sqlite store) land in the test's directory
 
 
-def setup(data_dir, tmp_path, env):
+def setup(data_dir, tmp_path, env, *extra):
     cfg, _ = config.parse_args(["--data-dir", str(data_dir), *RECIPE, "--out-dir", str(tmp_path / "runs"),
-                                "--tracking-uri", env["MLFLOW_TRACKING_URI"]])
+                                "--tracking-uri", env["MLFLOW_TRACKING_URI"], *extra])
     d = dist.from_env()
     assert not d.distributed
     return cfg, d, preflight(cfg, d)
@@ -106,3 +107,19 @@ def test_a_picture_that_cannot_be_written_fails_the_run_in_one_line_after_the_mo
                                                          "run.json"]  # no temporary file left
     _, [r] = runs(mlflow_env)
     assert r.info.status == "FAILED"
+
+
+def test_a_stop_logs_its_last_step_metric_and_an_untracked_attempt_passes_the_run_on(synthetic_data, tmp_path,
+                                                                                      mlflow_env):
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--log-every-steps", "1")
+    with Trainer(cfg, d, manifest) as t:
+        t.stopper.requested = signal.SIGUSR2  # what the handler does
+        assert t.train_epoch(0) is None  # stopped after its first step, checkpointed
+        t.status, run_id = "KILLED", t.tracker.run_id
+    c, _ = runs(mlflow_env)
+    assert [m.step for m in c.get_metric_history(run_id, "step_train_loss")] == [1]
+    # an attempt with --no-mlflow resumes that checkpoint; its own checkpoints still name the run to continue
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--log-every-steps", "1", "--no-mlflow")
+    with Trainer(cfg, d, manifest) as t:
+        assert t.start_step == 1 and t.tracker.run_id is None and t.state_dict()["mlflow_run_id"] == run_id
+        t.status = "KILLED"
