@@ -12,6 +12,7 @@ and one Trainer (trainer.py) whose exit ends the run with the right status.
 """
 import math
 import os
+import signal
 import sys
 
 import yaml
@@ -50,8 +51,17 @@ def main(argv=None) -> int:
     cfg, check = config_lib.parse_args(argv)
     d = dist.from_env()
     try:
-        with budget.phase("checks"):
-            manifest = preflight(cfg, d)
+        # Every rank fails a bad config or data set alike and local rank 0 says why; the others exit at once, and
+        # torchrun SIGTERMs the rest as soon as one exits: until the checks have passed or been reported, SIGTERM
+        # is only noted, then acted on.
+        with StopAgreement() as early:
+            try:
+                with budget.phase("checks"):
+                    manifest = preflight(cfg, d)
+            except JobError as e:
+                return ending(e, d)
+        if early.requested:
+            signal.raise_signal(early.requested)
         if check:
             print(f"config and data ok for world size {d.world_size} ({cfg.data_dir}: {manifest['source']})")
             return 0

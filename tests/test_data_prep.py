@@ -155,10 +155,11 @@ def test_download_fails_fast_offline_naming_both_alternatives(tmp_path):
 
 
 def start_bigger_prep(out):
-    """Redo `out` bigger (--force) in a process group; → the process, once its train beton is being written."""
+    """Redo `out` bigger (--force) in a process group; → the process, once its train beton is being written (for
+    about 5 s with one writer)."""
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out,
-                             "--synthetic-train", "30000", "--synthetic-test", "100", "--synthetic-difficulty", "easy",
-                             "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--synthetic-train", "10000", "--synthetic-test", "100", "--synthetic-difficulty", "easy",
+                             "--workers", "1", "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(out.glob(".cifar100_train.beton.tmp*")):
@@ -167,19 +168,7 @@ def start_bigger_prep(out):
     return proc
 
 
-def test_a_killed_re_prep_leaves_the_old_set_as_it_was(tmp_path):
-    out = tmp_path / "d"
-    prep_synthetic(out, 200, 100)
-    proc = start_bigger_prep(out)
-    os.killpg(proc.pid, signal.SIGKILL)  # the prep and its FFCV writer processes, as a killed job would be
-    proc.communicate()
-    assert verify(out, full=True)["splits"]["train"]["count"] == 200  # the new set replaces it only when complete
-    # the next prep removes the killed one's temporary files and finds the set it asks for
-    p = prep_synthetic(out, 200, 100)
-    assert "nothing to do" in p.stdout and not list(out.glob(".*tmp*"))
-
-
-def test_a_second_prep_into_a_directory_being_written_is_refused_and_sigterm_keeps_the_old_set(tmp_path):
+def test_a_second_prep_is_refused_while_one_writes_and_a_killed_re_prep_leaves_the_old_set(tmp_path):
     out = tmp_path / "d"
     prep_synthetic(out, 200, 100)
     proc = start_bigger_prep(out)
@@ -188,12 +177,29 @@ def test_a_second_prep_into_a_directory_being_written_is_refused_and_sigterm_kee
     assert p.returncode == 1 and error_lines(p.stderr) == [f"error: another data prep is writing {out}; wait for it "
                                                            "to end or choose another --out"], p.stderr
     assert list(out.glob(".cifar100_train.beton.tmp*"))  # the writer's temporary file was left alone
-    proc.send_signal(signal.SIGTERM)  # the prep alone, as Slurm's or docker's stop reaches it
+    os.killpg(proc.pid, signal.SIGKILL)  # the prep and its FFCV writer processes, as a killed job would be
+    proc.communicate()
+    assert verify(out, full=True)["splits"]["train"]["count"] == 200  # the new set replaces it only when complete
+    # the next prep removes the killed one's temporary files and finds the set it asks for
+    p = prep_synthetic(out, 200, 100)
+    assert "nothing to do" in p.stdout and not list(out.glob(".*tmp*"))
+
+
+def test_a_re_prep_stopped_by_sigterm_says_so_in_one_line_and_keeps_the_old_set(tmp_path):
+    out = tmp_path / "d"
+    prep_synthetic(out, 200, 100)
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--source", "synthetic", "--out", out,
+                             "--synthetic-train", "200", "--synthetic-test", "100", "--synthetic-seed", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("writing 200 train images"):  # then FFCV writes and reads it back: seconds
+            proc.send_signal(signal.SIGTERM)  # the prep alone, as Slurm's or docker's stop reaches it
+            break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and err.splitlines() == [
         "error: stopped by SIGTERM; the data set that was there (if any) is unchanged and nothing half-written was "
         "kept; rerun to prepare the data"], err
-    assert verify(out, full=True)["splits"]["train"]["count"] == 200 and not list(out.glob(".*tmp*"))
+    assert verify(out, full=True)["request"]["seed"] == 0 and not list(out.glob(".*tmp*"))
 
 
 @pytest.fixture
