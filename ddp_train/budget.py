@@ -46,7 +46,8 @@ class Budget:
         return self.startup + time.perf_counter() - self.t0
 
     def summary(self) -> dict:
-        """Seconds per phase; they sum to the wall-clock since the process started."""
+        """Seconds per phase; they sum to the wall-clock since the process started (at this call: the table, the
+        CSV and the metrics of one run take one summary, so that they agree)."""
         s = dict(self.seconds)
         for key, times in (("training", self.train_epochs), ("evaluation", self.eval_epochs)):
             steady = statistics.median(times[1:]) if len(times) > 1 else (times[0] if times else 0.0)
@@ -56,16 +57,16 @@ class Budget:
         s["other"] = max(0.0, self.elapsed() - sum(v for k, v in s.items() if k != "other"))
         return s
 
-    def table(self) -> str:
-        s = self.summary()
+    def table(self, s: dict | None = None) -> str:
+        s = s or self.summary()
         total = sum(s.values())
         rows = [f"  {LABELS[k]:<50s} {v:8.2f} s {100 * v / total:5.1f} %" for k, v in s.items() if v >= 0.005]
         return "\n".join([f"time budget ({total:.1f} s wall):", *rows])
 
-    def csv(self) -> str:
-        s = self.summary()
+    def csv(self, s: dict | None = None) -> str:
+        s = s or self.summary()
         return "phase,seconds,description\n" + "".join(f"{k},{v:.3f},{LABELS[k]}\n" for k, v in s.items())
 
-    def metrics(self) -> dict:
-        s = self.summary()
+    def metrics(self, s: dict | None = None) -> dict:
+        s = s or self.summary()
         return {**{f"time_{k}_s": v for k, v in s.items()}, "time_total_s": sum(s.values())}

@@ -296,11 +296,12 @@ class Trainer:
         with self.budget.phase("export"):
             dist.on_master(self._export)
         if self.d.master:
+            budget = self.budget.summary()
             with self._writing(f"the time budget {self.run_dir / 'time_budget.csv'}"):
-                atomic_write_bytes(self.run_dir / "time_budget.csv", self.budget.csv().encode())
-            self.tracker.log_metrics(self.budget.metrics())
+                atomic_write_bytes(self.run_dir / "time_budget.csv", self.budget.csv(budget).encode())
+            self.tracker.log_metrics(self.budget.metrics(budget))
             self.tracker.log_artifact(self.run_dir / "time_budget.csv")
-            self.log(self.budget.table())
+            self.log(self.budget.table(budget))
             with self._writing(f"the run's record {self.run_dir / 'run.json'}"):
                 self.run.finished(self.history[-1] if self.history else {}, self.tracker.run_id)
             if self.tracker.errors:
