@@ -230,7 +230,10 @@ def test_node_gone_fails_within_dist_timeout_and_the_job_resumes_when_it_is_back
         cluster_cmd(cluster, "boot", 2)  # the node is back
     # the resumed attempt took 1.5 min alone, and over 5 min while other suites loaded the 2 cores
     assert finish_requeued(cluster, job, timeout=600) == "COMPLETED"
-    acct = run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"], env=cluster).stdout.split()
+    deadline = time.monotonic() + 60  # slurmdbd records the end a moment after slurmctld reports it
+    while (acct := run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"],
+                       env=cluster).stdout.split())[-1:] == ["RUNNING"] and time.monotonic() < deadline:
+        time.sleep(1)
     assert acct == ["NODE_FAIL", "COMPLETED"]
     log = (work / log_name).read_text()
     first, second = log.split(f"job {job} (restart 1)")
