@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .cifar import Cifar100, DataError, Split
-from .files import atomic_path, atomic_write_bytes, cannot_write, missing_dirs, remove_empty
+from .files import atomic_path, atomic_write_bytes, cannot_write
 from .manifest import FORMAT_VERSION, MANIFEST, SPLITS, beton_name, sha256sum
 
 
@@ -128,10 +128,10 @@ def write_dataset(ds: Cifar100, out: Path, request: dict, workers: int = 2, log=
     """Write both betons and the manifest, replacing a set already in `out` only once the new one is complete:
     each beton is written and read back under a temporary name; then the old manifest (which vouches for the
     betons) goes, the betons are renamed into place and the new manifest is written last. A failure or a stop
-    before that leaves the old set as it was and no temporary file; a failed write becomes one DataError."""
-    target, created, swapping = out, missing_dirs(out), False
+    before that leaves the old set as it was and no temporary file; a failed write becomes one DataError. `out`
+    exists: the caller holds its lock (and removes it again if it created it)."""
+    target, swapping = out, False
     try:
-        out.mkdir(parents=True, exist_ok=True)
         splits = {}
         with contextlib.ExitStack() as staged:  # leaving it renames each beton into place (or removes it on failure)
             for name in SPLITS:
@@ -156,7 +156,6 @@ def write_dataset(ds: Cifar100, out: Path, request: dict, workers: int = 2, log=
             with contextlib.suppress(OSError):
                 for name in SPLITS:
                     (out / beton_name(name)).unlink(missing_ok=True)
-        remove_empty(created)
         if isinstance(e, OSError):
             raise DataError(cannot_write(target, e)) from None
         raise

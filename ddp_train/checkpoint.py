@@ -131,9 +131,9 @@ class Checkpointer:
                                             passed_over.append)
         for line in passed_over if path is not None else ():
             log(line)
-        sizes = {int(m[1]) for m in (re.search(r"stopped mid-epoch with world size (\d+),", p) for p in problems) if m}
-        if path is None and len(sizes) == 1 and all("stopped mid-epoch with world size" in p for p in problems):
-            [size] = sizes
+        sizes = [re.search(r"stopped mid-epoch with world size (\d+),", p) for p in problems]
+        if path is None and all(sizes) and len({m[1] for m in sizes}) == 1:
+            size = sizes[0][1]
             raise RunConflict(f"the checkpoints in {self.dir} stopped mid-epoch with world size {size} and this job "
                               f"has {self.d.world_size}; rerun with {size} rank(s) to resume, or choose a new "
                               "--run-name")
