@@ -200,6 +200,8 @@ class Tracker:
             return
 
         def _log():
+            if self.continued and self._model_logged_before(register_as):
+                return
             import mlflow.pytorch
             import torch
             self.mlflow.set_tracking_uri(self.uri)
@@ -214,6 +216,22 @@ class Tracker:
             # killed after this point must leave a run that a survivor can mark FAILED)
             self.client.update_run(self.run_id, status="RUNNING")
         self._guard("log_model", _log)
+
+    def _model_logged_before(self, register_as: str) -> bool:
+        """A continued run may hold its model already: an earlier attempt failed after uploading it (a rerun exports
+        again). Then it is not logged, nor registered, a second time."""
+        found = self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = 'model'")
+        ready = [m for m in found if str(m.status).endswith("READY")]
+        if not ready:
+            return False
+        if register_as and not self.client.search_model_versions(f"name = '{register_as}' AND run_id = "
+                                                                 f"'{self.run_id}'"):
+            self.mlflow.set_tracking_uri(self.uri)
+            self.mlflow.register_model(ready[0].model_uri, register_as)
+        self.log(f"MLflow: the run already holds its model {ready[0].model_id} (an earlier attempt uploaded it); "
+                 "not logged again")
+        return True
 
     def log_artifact(self, path: Path) -> None:
         if self.run_id:

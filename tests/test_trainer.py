@@ -123,3 +123,23 @@ def test_a_stop_logs_its_last_step_metric_and_an_untracked_attempt_passes_the_ru
     with Trainer(cfg, d, manifest) as t:
         assert t.start_step == 1 and t.tracker.run_id is None and t.state_dict()["mlflow_run_id"] == run_id
         t.status = "KILLED"
+
+
+def test_a_rerun_after_a_failure_past_the_model_upload_does_not_log_the_model_twice(synthetic_data, tmp_path,
+                                                                                    mlflow_env, capsys):
+    """The time budget cannot be written (a directory takes its path) after the model went to MLflow; the rerun the
+    error line asks for exports again into the same run, which keeps one model and one registered version."""
+    run_dir = tmp_path / "runs" / "unit"
+    (run_dir / "time_budget.csv").mkdir(parents=True)
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "1", "--register-model", "unit-model")
+    with pytest.raises(JobError, match="cannot write the time budget"), Trainer(cfg, d, manifest) as t:
+        t.train()
+    (run_dir / "time_budget.csv").rmdir()
+    with Trainer(cfg, d, manifest) as t:
+        assert t.tracker.continued and t.train() == 0
+    assert "(an earlier attempt uploaded it); not logged again" in capsys.readouterr().out
+    c, [r] = runs(mlflow_env)
+    assert r.info.status == "FINISHED"
+    models = c.search_logged_models([r.info.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'")
+    assert len(models) == 1
+    assert [v.run_id for v in c.search_model_versions("name = 'unit-model'")] == [r.info.run_id]
