@@ -80,8 +80,8 @@ def check(args) -> None:
                           f"got {args.synthetic_difficulty}")
     spec = cifar.Difficulty.at(level)
     if args.synthetic_noise is not None:
-        need(math.isfinite(args.synthetic_noise) and args.synthetic_noise >= 0,
-             f"--synthetic-noise is a pixel standard deviation: 0 or more (e.g. 48), got {args.synthetic_noise}")
+        need(0 <= args.synthetic_noise <= 255,  # beyond 255 every pixel saturates to 0 or 255: no image is left
+             f"--synthetic-noise is a pixel standard deviation from 0 to 255 (e.g. 48), got {args.synthetic_noise}")
         spec = dataclasses.replace(spec, noise=args.synthetic_noise)
     if args.synthetic_label_noise is not None:
         need(0 <= args.synthetic_label_noise <= 1, "--synthetic-label-noise is a fraction of the training labels, "
