@@ -1,8 +1,10 @@
 """python -m ddp_train: the trainer (one process per rank under torchrun)."""
 import sys
 
-from .errors import EXIT_REQUEUE, exit_now
-from .train import main
+from .errors import EXIT_REQUEUE, exit_now, signals_while_starting
+
+signals_while_starting()  # before the imports (seconds of torch, numpy, yaml): train.main ends this
+from .train import main  # noqa: E402
 
 code = main()
 if code in (0, EXIT_REQUEUE):  # every rank has passed the run's last barrier (or the stop's checkpoint) and rank 0

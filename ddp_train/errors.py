@@ -3,6 +3,8 @@
 Every CLI (data prep, trainer, launchers) catches `JobError`, prints `error: <message>` as one line on stderr and
 exits with `exit_code`. The message names the problem and the fix; anything else is a bug and keeps its traceback.
 """
+import os
+import signal
 import sys
 
 EXIT_FAILED = 1   # a fault during the run (data, peers, disk, non-finite loss)
@@ -54,3 +56,28 @@ def exit_now(code: int):
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
             pass
     os._exit(code)
+
+
+START_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+def _stopped_while_starting(signum, _frame):
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node: torchrun stops every worker alike
+        why = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"error: {why} while starting, before training began; no run was started: rerun the same command",
+              file=sys.stderr, flush=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # end as that signal would have: torchrun and the shell see the same status
+
+
+def signals_while_starting() -> None:
+    """From the first import until `started()`: Ctrl-C, a preemption's SIGTERM or Slurm's SIGUSR2 ends the process
+    with one line and that signal's status, instead of a traceback from inside an import or no word at all."""
+    for sig in START_SIGNALS:
+        signal.signal(sig, _stopped_while_starting)
+
+
+def started() -> None:
+    """The Trainer (or an ending already said) takes over: Python's default handling again."""
+    for sig in START_SIGNALS:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)

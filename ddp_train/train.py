@@ -24,7 +24,7 @@ from . import config as config_lib
 from . import dist
 from .budget import Budget
 from .config import Config, ConfigError
-from .errors import EXIT_REQUEUE, JobError, report  # noqa: F401  (EXIT_REQUEUE: slurm/submit.py reads it here)
+from .errors import EXIT_REQUEUE, JobError, report, started  # noqa: F401  (EXIT_REQUEUE: slurm/submit.py reads it here)
 from .rundir import RunFinished
 from .stop import StopAgreement
 from .trainer import Trainer
@@ -48,9 +48,9 @@ def preflight(cfg: Config, d: dist.Dist) -> dict:
 
 def main(argv=None) -> int:
     budget = Budget()
-    cfg, check = config_lib.parse_args(argv)
     d = dist.from_env()
     try:
+        cfg, check = config_lib.parse_args(argv)
         # Every rank fails a bad config or data set alike and local rank 0 says why; the others exit at once, and
         # torchrun SIGTERMs the rest as soon as one exits: until the checks have passed or been reported, SIGTERM
         # is only noted, then acted on.
@@ -69,8 +69,13 @@ def main(argv=None) -> int:
             print("config:\n  " + yaml.safe_dump(cfg.public_dict(), sort_keys=False).strip().replace("\n", "\n  "))
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # Until here a signal ended the process with one line (python -m ddp_train). The wait for the peers is in C++
+        # and runs no Python handler until it returns: SIGTERM and Ctrl-C must end it at once, as the OS does.
+        started()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         with budget.phase("process_group"):
             dist.init(d, cfg.dist_timeout)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         # From the Trainer's start until this rank has said how it ended, SIGTERM is only noted (the Trainer's own
         # handlers act on it while it trains): torchrun sends it to the survivors as soon as one rank dies or
         # leaves, and it must not cut short the line that says why, or turn a checkpointed stop's 3 into a kill.
@@ -91,6 +96,8 @@ def main(argv=None) -> int:
         return 130
     except JobError as e:
         return ending(e, d)
+    finally:
+        started()  # an ending already said (a usage error, a failed check) is not followed by a start-up line
 
 
 def ending(e: JobError, d: dist.Dist) -> int:
