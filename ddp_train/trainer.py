@@ -12,6 +12,7 @@ directory.
 """
 import contextlib
 import copy
+import math
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import get_total_norm
 
 from data_prep import manifest as manifest_lib
 from data_prep.manifest import atomic_write_bytes
@@ -235,13 +237,13 @@ class Trainer:
         return tqdm(self.train_loader, total=self.steps, initial=skip, desc=f"epoch {epoch}", leave=False,
                     dynamic_ncols=True)
 
-    def _diverged(self, epoch: int):
+    def _diverged(self, epoch: int, what: str = ""):
         seen = self.stopper.nonfinite_step
         where = f"at epoch {epoch}, step {seen} on rank {self.d.rank}" if seen else f"in epoch {epoch} on another rank"
         newest = self.ckpt.newest()
         last = f"the last good checkpoint is {newest}" if newest else "no checkpoint was saved yet"
-        raise NonFiniteLoss(f"the training loss is not finite ({where}); nothing of it was saved and {last}; lower "
-                            f"--lr ({self.cfg.lr:g}) or check the data")
+        raise NonFiniteLoss(f"{what or f'the training loss is not finite ({where})'}; nothing of it was saved and "
+                            f"{last}; lower --lr ({self.cfg.lr:g}) or check the data")
 
     def evaluate(self) -> dict:
         """Exact test metrics of rank 0's model (every rank evaluates its share of the test set)."""
@@ -250,6 +252,13 @@ class Trainer:
         metrics = step.evaluate(self.net, self.test_loader, self.device, self.amp_dtype, self.fine_to_coarse,
                                 self.num_superclasses, self.cfg.channels_last)
         metrics["eval_seconds"] = time.perf_counter() - t
+        # A finite training loss can hide overflowed BatchNorm statistics (training normalises with each batch's own),
+        # and an infinite running_var even gives a finite test loss: the model that would be saved is checked whole.
+        # Once per epoch, after the evaluation's own wait for the GPU: the max-norm of every float tensor, foreach.
+        largest = get_total_norm([t for t in self.model.state_dict().values() if t.is_floating_point()], math.inf)
+        if not (math.isfinite(largest) and math.isfinite(metrics["test_loss"])):
+            self._diverged(self.epoch, f"the model is not finite after epoch {self.epoch} (its weights, BatchNorm "
+                                       "statistics or test loss overflowed, though the training loss was finite)")
         return metrics
 
     def end_epoch(self, epoch: int, train: dict, test: dict) -> None:

@@ -143,3 +143,23 @@ def test_a_rerun_after_a_failure_past_the_model_upload_does_not_log_the_model_tw
     models = c.search_logged_models([r.info.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'")
     assert len(models) == 1
     assert [v.run_id for v in c.search_model_versions("name = 'unit-model'")] == [r.info.run_id]
+
+
+def test_a_model_that_is_not_finite_is_never_checkpointed(synthetic_data, tmp_path, mlflow_env):
+    """An overflowed BatchNorm running_var leaves the training loss finite (training normalises with the batch's own)
+    and the test loss too (that channel becomes its bias): the epoch fails in one line naming the last good
+    checkpoint, and saves nothing."""
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env)
+    with pytest.raises(JobError) as e, Trainer(cfg, d, manifest) as t:
+        t.end_epoch(0, t.train_epoch(0), t.evaluate())
+        t.epoch = 1
+        train = t.train_epoch(1)
+        next(m for m in t.model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+        t.end_epoch(1, train, t.evaluate())
+    good = tmp_path / "runs" / "unit" / "checkpoints" / "ckpt_e0001_s000000.pt"
+    assert str(e.value) == ("the model is not finite after epoch 1 (its weights, BatchNorm statistics or test loss "
+                            f"overflowed, though the training loss was finite); nothing of it was saved and the last "
+                            f"good checkpoint is {good}; lower --lr (0.2) or check the data")
+    assert [p.name for p in good.parent.iterdir()] == [good.name]
+    _, [r] = runs(mlflow_env)
+    assert r.info.status == "FAILED"
