@@ -54,6 +54,7 @@ class Tracker:
         self.continued = False          # the run was started by an earlier attempt of this job
         self.experiment_id = None
         self.fallback = None            # (reason, uri) once the run has moved to the local fallback store
+        self.fallen_from = None         # then: the run it left at the tracking URI (None: none was created there)
         self.journal = {"name": None, "params": {}, "tags": {}, "metrics": [], "inputs": []}
         if not enabled:
             return
@@ -118,7 +119,7 @@ class Tracker:
             self.log(f"warning: MLflow fallback store {uri} failed too ({type(e).__name__}); tracking is off")
             self.enabled = False
             return False
-        self.fallback = (reason, uri)
+        self.fallback, self.fallen_from = (reason, uri), lost_run
         what = "tracking URI" if self.unusable else "server"
         self.log(f"warning: MLflow {what} {redact(self.journal.get('server'))} unreachable ({reason}); the run "
                  f"continues in the local store {uri} (run {self.run_id}), with everything logged so far replayed; "
@@ -171,6 +172,12 @@ class Tracker:
         if self.run_id and not self.fallback:
             self.log(f"MLflow: run {self.run_id} in experiment '{self.experiment}' at {redact(self.uri)}"
                      + (" (continued)" if resume_run_id == self.run_id else ""))
+
+    @property
+    def home_run_id(self):
+        """The job's run at the tracking URI it was given, also after a move to the fallback store: the run its
+        checkpoints name, so that a resume continues it there once the server is back (None: none was created)."""
+        return self.fallen_from if self.fallback else self.run_id
 
     def log_inputs(self, make_inputs) -> None:
         """The run's dataset inputs (`make_inputs()` → DatasetInputs), logged once: not again for a continued run."""

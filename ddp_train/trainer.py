@@ -286,8 +286,9 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "history": self.history, "per_superclass": self.per_superclass,
-                # an attempt with --no-mlflow passes on the run it resumed, so the next tracked attempt continues it
-                "mlflow_run_id": self.tracker.run_id or self.resume_run_id}
+                # the run at the job's tracking URI (not a fallback store's); an attempt with --no-mlflow passes on the
+                # run it resumed: the next tracked attempt continues it, and logs the epochs it lacks
+                "mlflow_run_id": self.tracker.home_run_id or self.resume_run_id}
 
     def _rank_state(self, gen=None, sums=None, seconds=0.0) -> dict:
         return {"torch_rng": torch.get_rng_state(),

@@ -241,3 +241,37 @@ def test_logging_the_model_leaves_the_run_running_until_the_job_ends_it(tmp_path
     assert [m.name for m in c.search_logged_models([c.get_experiment_by_name("unit").experiment_id])] == ["model"]
     mark_failed(t.run_id, uri)  # what a survivor does when rank 0 dies now
     assert c.get_run(t.run_id).info.status == "FAILED"
+
+
+def test_a_run_that_moved_to_the_fallback_store_is_continued_on_the_server_once_it_is_back(tmp_path):
+    """The server dies after epoch 0: the job goes on in the local fallback store, and its checkpoints name the
+    server's run (they named the fallback run, which a resume against the restored server could not find: it started
+    a new run and left the first RUNNING). The resumed attempt continues the server's run and knows its epochs."""
+    from mlflow import MlflowClient
+
+    from ddp_train.tracking import Tracker
+    srv = start_server(tmp_path / "server")
+    try:
+        t = Tracker(True, srv["url"], "unit", fallback_dir=tmp_path / "run", log=lambda *_: None)
+        t.start("r", {"epochs": 3}, {})
+        t.log_epoch({"test_top1": 10.0}, 0)
+        home = t.run_id
+        stop_server(srv)
+        t.log_epoch({"test_top1": 20.0}, 1)
+        assert t.fallback and t.run_id != home and t.home_run_id == home
+        t.finish("KILLED")  # a preemption: the checkpoint holds t.home_run_id
+    finally:
+        stop_server(srv)
+    srv = start_server(tmp_path / "server")  # back, with the same store
+    try:
+        again = Tracker(True, srv["url"], "unit", fallback_dir=tmp_path / "run", log=lambda *_: None)
+        again.start("r", {"epochs": 3}, {}, resume_run_id=home)
+        assert (again.run_id, again.continued, again.logged_epochs) == (home, True, {0})
+        again.log_epoch({"test_top1": 20.0}, 1)  # what the trainer replays from the checkpoint's history
+        again.finish("FINISHED")
+        c = MlflowClient(srv["store"])
+        assert [r.info.run_id for r in c.search_runs([again.experiment_id])] == [home]
+        assert c.get_run(home).info.status == "FINISHED"
+        assert [m.value for m in c.get_metric_history(home, "test_top1")] == [10.0, 20.0]
+    finally:
+        stop_server(srv)
