@@ -109,8 +109,8 @@ def test_a_picture_that_cannot_be_written_fails_the_run_in_one_line_after_the_mo
     assert r.info.status == "FAILED"
 
 
-def test_a_stop_logs_its_last_step_metric_and_an_untracked_attempt_passes_the_run_on(synthetic_data, tmp_path,
-                                                                                      mlflow_env):
+def test_a_stop_logs_its_last_step_metric_and_an_untracked_attempt_passes_the_run_and_its_epochs_on(
+        synthetic_data, tmp_path, mlflow_env):
     cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--log-every-steps", "1")
     with Trainer(cfg, d, manifest) as t:
         t.stopper.requested = signal.SIGUSR2  # what the handler does
@@ -122,7 +122,14 @@ def test_a_stop_logs_its_last_step_metric_and_an_untracked_attempt_passes_the_ru
     cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--log-every-steps", "1", "--no-mlflow")
     with Trainer(cfg, d, manifest) as t:
         assert t.start_step == 1 and t.tracker.run_id is None and t.state_dict()["mlflow_run_id"] == run_id
+        t.end_epoch(0, t.train_epoch(0), t.evaluate())  # an untracked epoch, checkpointed
+        t.status, untracked = "KILLED", t.history[0]["test_top1"]
+    # the next tracked attempt continues the run and logs the epoch it missed
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--log-every-steps", "1")
+    with Trainer(cfg, d, manifest) as t:
+        assert (t.start_epoch, t.tracker.run_id, t.tracker.continued) == (1, run_id, True)
         t.status = "KILLED"
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "test_top1")] == [(0, untracked)]
 
 
 def test_a_rerun_after_a_failure_past_the_model_upload_does_not_log_the_model_twice(synthetic_data, tmp_path,
