@@ -139,7 +139,12 @@ def test_unreachable_server_at_start_falls_back_locally_and_training_finishes(sy
     assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == list(range(EPOCHS))
 
 
-def test_server_killed_mid_run_loses_nothing(server, synthetic_data, tmp_path):
+def test_server_killed_mid_run_loses_nothing_and_a_resume_continues_the_servers_run(server, synthetic_data,
+                                                                                     tmp_path):
+    """The server dies after epoch 0: the job goes on in the local fallback store, epoch 0 replayed there. A
+    preemption (SIGTERM) stops it after epoch 1; resumed once the server is back (same store), it continues the
+    server's run and logs the epoch the server missed. (The checkpoints used to name the fallback run, which the
+    server does not know: the resume started a second run there and left the first one RUNNING.)"""
     proc = subprocess.Popen(train_cmd(synthetic_data, server["url"]), cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
@@ -148,22 +153,34 @@ def test_server_killed_mid_run_loses_nothing(server, synthetic_data, tmp_path):
         out.append(line)
         if line.startswith("epoch 0 |"):
             os.killpg(server["proc"].pid, signal.SIGKILL)  # the server dies after epoch 0 was logged
+        if line.startswith("epoch 1 |"):
+            proc.send_signal(signal.SIGTERM)
             break
     rest_out, _ = proc.communicate(timeout=600)
     stdout = "".join(out) + rest_out
-    assert proc.returncode == 0, stdout[-3000:]
+    assert proc.returncode == 3, stdout[-3000:]
     printed = {int(e): float(t) for e, t in EPOCH_LINE.findall(stdout)}
-    assert sorted(printed) == list(range(EPOCHS))
+    assert sorted(printed) == [0, 1]
     # the server's store kept what it received before it died
     c, [on_server] = runs_in(server["store"])
-    assert 0 in {m.step for m in c.get_metric_history(on_server.info.run_id, "test_top1")}
-    # the fallback store has the whole run, epoch 0 replayed
+    assert [m.step for m in c.get_metric_history(on_server.info.run_id, "test_top1")] == [0]
+    # the fallback store has the attempt's whole run, epoch 0 replayed
     fallback = tmp_path / "runs" / "r" / "mlflow-fallback.db"
     assert "unreachable" in stdout and str(fallback) in stdout
     c, [r] = runs_in(f"sqlite:///{fallback}")
-    assert r.info.status == "FINISHED" and on_server.info.run_id in r.data.tags["fallback_from"]
+    assert r.info.status == "KILLED" and on_server.info.run_id in r.data.tags["fallback_from"]
     hist = {m.step: round(m.value, 2) for m in c.get_metric_history(r.info.run_id, "test_top1")}
     assert hist == printed
+    back = start_server(Path(server["store"][len("sqlite:///"):]).parent)
+    try:
+        p = run(train_cmd(synthetic_data, back["url"]), cwd=tmp_path, check=True)
+        printed.update({int(e): float(t) for e, t in EPOCH_LINE.findall(p.stdout)})
+        c, [again] = runs_in(back["store"])
+        assert again.info.run_id == on_server.info.run_id and again.info.status == "FINISHED"
+        hist = {m.step: round(m.value, 2) for m in c.get_metric_history(again.info.run_id, "test_top1")}
+        assert hist == printed and sorted(hist) == list(range(EPOCHS))
+    finally:
+        stop_server(back)
 
 
 @pytest.fixture(scope="module")
@@ -242,36 +259,3 @@ def test_logging_the_model_leaves_the_run_running_until_the_job_ends_it(tmp_path
     mark_failed(t.run_id, uri)  # what a survivor does when rank 0 dies now
     assert c.get_run(t.run_id).info.status == "FAILED"
 
-
-def test_a_run_that_moved_to_the_fallback_store_is_continued_on_the_server_once_it_is_back(tmp_path):
-    """The server dies after epoch 0: the job goes on in the local fallback store, and its checkpoints name the
-    server's run (they named the fallback run, which a resume against the restored server could not find: it started
-    a new run and left the first RUNNING). The resumed attempt continues the server's run and knows its epochs."""
-    from mlflow import MlflowClient
-
-    from ddp_train.tracking import Tracker
-    srv = start_server(tmp_path / "server")
-    try:
-        t = Tracker(True, srv["url"], "unit", fallback_dir=tmp_path / "run", log=lambda *_: None)
-        t.start("r", {"epochs": 3}, {})
-        t.log_epoch({"test_top1": 10.0}, 0)
-        home = t.run_id
-        stop_server(srv)
-        t.log_epoch({"test_top1": 20.0}, 1)
-        assert t.fallback and t.run_id != home and t.home_run_id == home
-        t.finish("KILLED")  # a preemption: the checkpoint holds t.home_run_id
-    finally:
-        stop_server(srv)
-    srv = start_server(tmp_path / "server")  # back, with the same store
-    try:
-        again = Tracker(True, srv["url"], "unit", fallback_dir=tmp_path / "run", log=lambda *_: None)
-        again.start("r", {"epochs": 3}, {}, resume_run_id=home)
-        assert (again.run_id, again.continued, again.logged_epochs) == (home, True, {0})
-        again.log_epoch({"test_top1": 20.0}, 1)  # what the trainer replays from the checkpoint's history
-        again.finish("FINISHED")
-        c = MlflowClient(srv["store"])
-        assert [r.info.run_id for r in c.search_runs([again.experiment_id])] == [home]
-        assert c.get_run(home).info.status == "FINISHED"
-        assert [m.value for m in c.get_metric_history(home, "test_top1")] == [10.0, 20.0]
-    finally:
-        stop_server(srv)
