@@ -129,6 +129,7 @@ def wait_for_master() -> None:
 class PeerLost(JobError):
     """A collective failed: another rank died, its node or link went away, or it timed out. Each rank that sees it
     reports it (rank 0 may be the one that died)."""
+    every_rank = True
 
 
 # What gloo and NCCL say when a peer is gone, lower-cased. gloo words it by where it notices: "Timed out waiting

@@ -13,9 +13,12 @@ EXIT_REQUEUE = 3  # stopped on SIGUSR2/SIGTERM after checkpointing: not done, re
 
 
 class JobError(Exception):
-    """A fault with a one-line message that names the problem and the fix. `quiet`: another rank prints it."""
+    """A fault with a one-line message that names the problem and the fix. `quiet`: another rank prints it;
+    `every_rank`: each rank that meets it prints it (a fault of its own, not one every rank meets alike and local
+    rank 0 reports)."""
     exit_code = EXIT_FAILED
     quiet = False
+    every_rank = False
 
 
 class ConfigError(JobError):

@@ -105,6 +105,6 @@ def ending(e: JobError, d: dist.Dist) -> int:
     if isinstance(e, RunFinished):
         if d.master:
             print(e, flush=True)
-    elif not e.quiet and (isinstance(e, dist.PeerLost) or d.local_rank == 0):
+    elif not e.quiet and (e.every_rank or d.local_rank == 0):
         return report(e)
     return e.exit_code

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,22 @@ def _quiet(*_, **__):
     pass
 
 
+class OutOfMemory(JobError):
+    """A GPU's (or the CPU's) allocator refused memory on this rank."""
+    every_rank = True
+
+
+def out_of_memory(e: BaseException) -> str:
+    """'' unless `e` is an allocator refusing memory (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError,
+    Python's MemoryError); then how much it tried to allocate."""
+    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or
+            (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))):
+        return ""
+    m = re.search(r"ried to allocate (\d+) bytes|ried to allocate ([\d.]+ \w+)", str(e))
+    size = (f"{int(m[1]) / 2 ** 20:.1f} MiB" if m[1] else m[2]) if m else "an unknown size"
+    return f"tried to allocate {size}"
+
+
 def format_epoch(epoch: int, m: dict) -> str:
     return (f"epoch {epoch} | loss {m['train_loss']:.3f} | train {m['train_top1']:.2f} % | "
             f"test {m['test_top1']:.2f} % (top-5 {m['test_top5']:.2f} %, superclass {m['test_super_top1']:.2f} %) | "
@@ -55,6 +72,7 @@ class Trainer:
         self.epoch = 0
         self.history, self.per_superclass = [], None
         self.start_epoch, self.start_step, self.rank_state, self.resume_run_id = 0, 0, None, None
+        self.doing = "building"        # what this rank does (training, evaluating, exporting): for an error line
         self._exit = contextlib.ExitStack()
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -185,6 +203,7 @@ class Trainer:
         cfg, device = self.cfg, self.device
         skip = self.start_step if epoch == self.start_epoch else 0
         self.net.train()
+        self.doing = "training"
         gen = data.epoch_generator(cfg.seed, epoch, self.d.rank, device)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
         elapsed = 0.0
@@ -248,6 +267,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Exact test metrics of rank 0's model (every rank evaluates its share of the test set)."""
         t = time.perf_counter()
+        self.doing = "evaluating"
         dist.broadcast_buffers(self.model)  # BatchNorm statistics drift per rank: evaluate the model that is saved
         metrics = step.evaluate(self.net, self.test_loader, self.device, self.amp_dtype, self.fine_to_coarse,
                                 self.num_superclasses, self.cfg.channels_last)
@@ -301,6 +321,7 @@ class Trainer:
     def finish(self) -> None:
         """Rank 0 saves the final model, pictures and tables and uploads them, the model last; the others wait."""
         self.sysmetrics.stop()
+        self.doing = "exporting"
         with self.budget.phase("checkpoints"):
             self.ckpt.wait()  # the final checkpoint is on disk before the run is declared done
         with self.budget.phase("export"):
@@ -366,6 +387,18 @@ class Trainer:
         example = data.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).numpy()
         self.tracker.log_model(final, example, register_as=self.cfg.register_model)  # last: it ends the run
 
+    def _out_of_memory(self, allocation: str) -> str:
+        cfg, name = self.cfg, getattr(self, "run_name", "")
+        newest = self.ckpt.newest() if hasattr(self, "ckpt") else None
+        resume = f"rerun with --run-name {name} to resume from {newest}" if newest else "rerun"
+        where = f"out of memory on rank {self.d.rank} ({self.device}) while {self.doing} in epoch {self.epoch} " \
+                f"({allocation})"
+        if self.doing == "evaluating":  # the evaluation batch is not part of the recipe: the run goes on
+            return f"{where}; lower --eval-batch-size ({cfg.eval_batch_size}) and {resume}"
+        return (f"{where}: {cfg.batch_size // self.d.world_size} images per rank per step of --width {cfg.width} do "
+                f"not fit; start a new run with a smaller --batch-size or --width (both are part of the recipe), or "
+                f"free what else holds that memory and {resume}")
+
     def __exit__(self, exc_type, exc, tb):
         lost = exc is not None and dist.is_comm_failure(exc)
         if exc is not None:
@@ -376,6 +409,9 @@ class Trainer:
             # torchrun sends the survivors at once.
             tracking.mark_failed(self.run_id, self.tracking_uri)
         self._exit.close()
+        allocation = out_of_memory(exc) if exc is not None and not lost else ""
+        if allocation:
+            raise OutOfMemory(self._out_of_memory(allocation)) from exc
         if lost:
             newest = self.ckpt.newest() if hasattr(self, "ckpt") else None
             rerun = f"rerun with --run-name {getattr(self, 'run_name', '')} (a requeued job does)"

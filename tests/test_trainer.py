@@ -2,6 +2,7 @@
 evaluate, end_epoch and finish; and the one exit, which ends the MLflow run with the status of how the block ended
 and frees the run directory; a disk that fills before the final model is written."""
 import os
+import re
 import signal
 
 import pytest
@@ -170,3 +171,31 @@ def test_a_model_that_is_not_finite_is_never_checkpointed(synthetic_data, tmp_pa
     assert [p.name for p in good.parent.iterdir()] == [good.name]
     _, [r] = runs(mlflow_env)
     assert r.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("doing", ["training", "evaluating"])
+def test_out_of_memory_fails_in_one_line_that_names_the_batch_to_lower(synthetic_data, tmp_path, mlflow_env, doing):
+    """A real allocator refusal: this process's address space is capped (soft limit) 64 MiB above what it uses, so
+    the step's 2,000-image (or the evaluation's 1,000-image) activations, 128 MiB and more each, cannot be
+    allocated. (Before: a 40-line traceback.)"""
+    import resource
+
+    import psutil
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--no-mlflow", "--width", "32", "--batch-size",
+                             *(["100", "--eval-batch-size", "1000"] if doing == "evaluating" else ["2000"]))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with pytest.raises(JobError) as e, Trainer(cfg, d, manifest) as t:
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + 2 ** 26, hard))
+            t.evaluate() if doing == "evaluating" else t.train_epoch(0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert type(e.value).__name__ == "OutOfMemory" and e.value.every_rank
+    if doing == "training":
+        assert re.fullmatch(r"out of memory on rank 0 \(cpu\) while training in epoch 0 \(tried to allocate [\d.]+ "
+                            r"MiB\): 2000 images per rank per step of --width 32 do not fit; start a new run with a "
+                            r"smaller --batch-size or --width \(both are part of the recipe\), or free what else holds "
+                            r"that memory and rerun", str(e.value)), str(e.value)
+    else:  # the evaluation batch is not part of the recipe: the same run goes on with a smaller one
+        assert re.fullmatch(r"out of memory on rank 0 \(cpu\) while evaluating in epoch 0 \(tried to allocate [\d.]+ "
+                            r"MiB\); lower --eval-batch-size \(1000\) and rerun", str(e.value)), str(e.value)
