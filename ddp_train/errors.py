@@ -73,14 +73,20 @@ def _stopped_while_starting(signum, _frame):
     os.kill(os.getpid(), signum)  # end as that signal would have: torchrun and the shell see the same status
 
 
+_before_start = {}  # the handlers signals_while_starting replaced
+
+
 def signals_while_starting() -> None:
     """From the first import until `started()`: Ctrl-C, a preemption's SIGTERM or Slurm's SIGUSR2 ends the process
     with one line and that signal's status, instead of a traceback from inside an import or no word at all."""
     for sig in START_SIGNALS:
-        signal.signal(sig, _stopped_while_starting)
+        _before_start[sig] = signal.signal(sig, _stopped_while_starting)
 
 
 def started() -> None:
-    """The Trainer (or an ending already said) takes over: Python's default handling again."""
-    for sig in START_SIGNALS:
-        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    """The Trainer (or an ending already said) takes over: the handlers from before `signals_while_starting`
+    again (Python's defaults). Does nothing where it was not called (the trainer run in-process by submitit, whose
+    own handlers stay)."""
+    while _before_start:
+        sig, handler = _before_start.popitem()
+        signal.signal(sig, handler)

@@ -72,10 +72,12 @@ def main(argv=None) -> int:
         # Until here a signal ended the process with one line (python -m ddp_train). The wait for the peers is in C++
         # and runs no Python handler until it returns: SIGTERM and Ctrl-C must end it at once, as the OS does.
         started()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        with budget.phase("process_group"):
-            dist.init(d, cfg.dist_timeout)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            with budget.phase("process_group"):
+                dist.init(d, cfg.dist_timeout)
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
         # From the Trainer's start until this rank has said how it ended, SIGTERM is only noted (the Trainer's own
         # handlers act on it while it trains): torchrun sends it to the survivors as soon as one rank dies or
         # leaves, and it must not cut short the line that says why, or turn a checkpointed stop's 3 into a kill.
