@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, run
 
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -33,3 +35,13 @@ def test_entrypoint_runs_the_trainer_under_torchrun_or_a_given_command():
     p = subprocess.run(["sh", entry, "python", "-c", "import ffcv, ddp_train; print('ok')"], env=env, check=False,
                        capture_output=True, text=True, timeout=300)
     assert p.stdout.strip() == "ok", p.stderr
+
+
+@pytest.mark.skipif(any(Path("/dev").glob("nvidia[0-9]*")), reason="this machine has a GPU device node")
+def test_entrypoint_without_a_gpu_or_nproc_per_node_fails_in_one_line():
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    p = subprocess.run(["sh", ROOT / "docker" / "entrypoint.sh", "--epochs", "1"], check=False, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr.splitlines()) == (2, "", [
+        "error: no GPU in this container: run it with --gpus all (NVIDIA container runtime), or set NPROC_PER_NODE=N "
+        "(-e NPROC_PER_NODE=2) to train with N processes on the CPU"])
