@@ -67,8 +67,11 @@ START_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 def _stopped_while_starting(signum, _frame):
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node: torchrun stops every worker alike
         why = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"error: {why} while starting, before training began; no run was started: rerun the same command",
-              file=sys.stderr, flush=True)
+        # torchrun also stops every worker when one of them fails (its error may be on another rank's line)
+        then = "torchrun stops every rank when one fails or it is stopped itself: the other lines say which" \
+            if "TORCHELASTIC_RUN_ID" in os.environ else "rerun the same command"
+        print(f"error: {why} while starting, before training began; no run was started: {then}", file=sys.stderr,
+              flush=True)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)  # end as that signal would have: torchrun and the shell see the same status
 
@@ -80,7 +83,8 @@ def signals_while_starting() -> None:
     """From the first import until `started()`: Ctrl-C, a preemption's SIGTERM or Slurm's SIGUSR2 ends the process
     with one line and that signal's status, instead of a traceback from inside an import or no word at all."""
     for sig in START_SIGNALS:
-        _before_start[sig] = signal.signal(sig, _stopped_while_starting)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a signal the caller ignores (nohup, `&`) stays ignored
+            _before_start[sig] = signal.signal(sig, _stopped_while_starting)
 
 
 def started() -> None:

@@ -66,13 +66,16 @@ def main(argv=None) -> int:
             print(f"config and data ok for world size {d.world_size} ({cfg.data_dir}: {manifest['source']})")
             return 0
         if d.master:
-            print("config:\n  " + yaml.safe_dump(cfg.public_dict(), sort_keys=False).strip().replace("\n", "\n  "))
+            print("config:\n  " + yaml.safe_dump(cfg.public_dict(), sort_keys=False).strip().replace("\n", "\n  "),
+                  flush=True)  # before a wait for the peers that may be long
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # Until here a signal ended the process with one line (python -m ddp_train). The wait for the peers is in C++
         # and runs no Python handler until it returns: SIGTERM and Ctrl-C must end it at once, as the OS does.
         started()
-        interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        interrupt = signal.getsignal(signal.SIGINT)
+        if interrupt is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
             with budget.phase("process_group"):
                 dist.init(d, cfg.dist_timeout)

@@ -46,12 +46,12 @@ class OutOfMemory(JobError):
 
 
 def out_of_memory(e: BaseException) -> str:
-    """'' unless `e` is an allocator refusing memory (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError,
-    Python's MemoryError); then how much it tried to allocate."""
-    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or
-            (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))):
+    """'' unless `e` is an allocator refusing memory (CUDA's OutOfMemoryError and out-of-memory errors, cuBLAS's or
+    cuDNN's ALLOC_FAILED, the CPU allocator's RuntimeError, MemoryError); then how much it tried to allocate."""
+    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and any(
+            w in str(e) for w in ("can't allocate memory", "CUDA error: out of memory", "ALLOC_FAILED")))):
         return ""
-    m = re.search(r"ried to allocate (\d+) bytes|ried to allocate ([\d.]+ \w+)", str(e))
+    m = re.search(r"(?:ried|nable) to allocate (\d+) bytes|(?:ried|nable) to allocate ([\d.]+ \w+)", str(e))
     size = (f"{int(m[1]) / 2 ** 20:.1f} MiB" if m[1] else m[2]) if m else "an unknown size"
     return f"tried to allocate {size}"
 
@@ -72,7 +72,7 @@ class Trainer:
         self.epoch = 0
         self.history, self.per_superclass = [], None
         self.start_epoch, self.start_step, self.rank_state, self.resume_run_id = 0, 0, None, None
-        self.doing = "building"        # what this rank does (training, evaluating, exporting): for an error line
+        self.doing = "building"  # what this rank does (training, evaluating, checkpointing, exporting): for error lines
         self._exit = contextlib.ExitStack()
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -295,6 +295,7 @@ class Trainer:
             if metrics["test_top1"] >= t and not any(key in h for h in self.history):
                 metrics[key] = trained
         self.history.append(metrics)
+        self.doing = "checkpointing"
         self.budget.epoch(train_s, eval_s)
         self.tracker.log_epoch(metrics, epoch)  # before the line, so a printed epoch is already tracked
         self.log(format_epoch(epoch, metrics), flush=True)
@@ -391,13 +392,15 @@ class Trainer:
         cfg, name = self.cfg, getattr(self, "run_name", "")
         newest = self.ckpt.newest() if hasattr(self, "ckpt") else None
         resume = f"rerun with --run-name {name} to resume from {newest}" if newest else "rerun"
-        where = f"out of memory on rank {self.d.rank} ({self.device}) while {self.doing} in epoch {self.epoch} " \
-                f"({allocation})"
+        epoch = f" in epoch {self.epoch}" if self.doing in ("training", "evaluating") else ""
+        where = f"out of memory on rank {self.d.rank} ({self.device}) while {self.doing}{epoch} ({allocation})"
         if self.doing == "evaluating":  # the evaluation batch is not part of the recipe: the run goes on
             return f"{where}; lower --eval-batch-size ({cfg.eval_batch_size}) and {resume}"
-        return (f"{where}: {cfg.batch_size // self.d.world_size} images per rank per step of --width {cfg.width} do "
-                f"not fit; start a new run with a smaller --batch-size or --width (both are part of the recipe), or "
-                f"free what else holds that memory and {resume}")
+        if self.doing == "training":
+            return (f"{where}: {cfg.batch_size // self.d.world_size} images per rank per step of --width {cfg.width} "
+                    "do not fit; start a new run with a smaller --batch-size or --width (both are part of the "
+                    f"recipe), or free what else holds that memory and {resume}")
+        return f"{where}; free what else holds that memory and {resume}"  # building, checkpointing, exporting
 
     def __exit__(self, exc_type, exc, tb):
         lost = exc is not None and dist.is_comm_failure(exc)

@@ -25,8 +25,9 @@ step() {  # step LOG COMMAND…: run it with its output in LOG, say how long it 
   return "$rc"
 }
 
+logs=$(mktemp -d /tmp/smoke-logs.XXXXXX)  # kept
 echo "build $IMAGE on $BASE_IMAGE"
-step /tmp/smoke-build.log "$ENGINE" build "${build_flags[@]}" -f docker/Dockerfile \
+step "$logs/build.log" "$ENGINE" build "${build_flags[@]}" -f docker/Dockerfile \
   --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$IMAGE" . || fail "build"
 
 ws=$(mktemp -d)
@@ -35,14 +36,14 @@ chmod 0777 "$ws"  # the image runs as uid 1000
 run() { "$ENGINE" run --rm "${run_flags[@]}" -v "$ws:/workspace" "$@"; }
 
 echo "data prep in the container"
-step /tmp/smoke-prep.log run "$IMAGE" python -m data_prep --source synthetic --synthetic-train 2000 \
+step "$logs/prep.log" run "$IMAGE" python -m data_prep --source synthetic --synthetic-train 2000 \
   --synthetic-test 1000 --out /workspace/data || fail "data prep"
 
 echo "2 gloo processes through the entrypoint, MLflow on"
-step /tmp/smoke-train.log run -e NPROC_PER_NODE=2 -e MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db "$IMAGE" \
+step "$logs/train.log" run -e NPROC_PER_NODE=2 -e MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db "$IMAGE" \
   --preset cpu-demo --width 8 --epochs 1 --batch-size 100 --data-dir /workspace/data --out-dir /workspace/runs \
   --run-name smoke || fail "training"
-grep -q "^run smoke finished: test top-1" /tmp/smoke-train.log || fail "no summary line in the run's output"
+grep -q "^run smoke finished: test top-1" "$logs/train.log" || fail "no summary line in the run's output"
 for f in model.pt time_budget.csv learning_curves.png run.json; do
   [ -s "$ws/runs/smoke/$f" ] || fail "runs/smoke/$f missing"
 done

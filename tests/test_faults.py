@@ -164,14 +164,19 @@ def test_a_second_live_process_on_a_run_directory_is_refused(synthetic_data, tmp
 def test_a_killed_rank_0_leaves_its_run_failed_not_running(synthetic_data, tmp_path, mlflow_env):
     proc = popen(ddp(2, synthetic_data, "--epochs", "20", "--run-name", "k"), tmp_path, mlflow_env)
     out = []
-    read_until(proc, "epoch 0 |", out)
+    read_until(proc, "epoch 1 |", out)
+    first = tmp_path / "runs" / "k" / "checkpoints" / "ckpt_e0001_s000000.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists():  # rank 0 writes it in the background
+        assert time.monotonic() < deadline, "epoch 0's checkpoint never appeared"
+        time.sleep(0.05)
     worker(proc, 0).send_signal(signal.SIGKILL)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     [line] = [line for line in error_lines(rest) if "rank 1 lost its peers in epoch" in line]
-    # rank 1 names what rank 0 completed before it died (its background write of epoch 0's checkpoint, or not)
-    done = sorted((tmp_path / "runs" / "k" / "checkpoints").glob("ckpt_*.pt"))
-    assert line.endswith(f"to resume from {done[-1]}" if done else "else starts again"), (done, line)
+    # rank 1 names the newest checkpoint rank 0 completed before it died (epoch 1's may have been written too)
+    done = sorted(first.parent.glob("ckpt_*.pt"))
+    assert line.endswith(f"to resume from {done[-1].relative_to(tmp_path)}"), (done, line)
     _, [r] = mlflow_runs(mlflow_env)
     assert r.info.status == "FAILED"  # set by rank 1: rank 0 could not
 

@@ -269,10 +269,11 @@ def test_amp_auto_picks_bf16_only_where_gpus_compute_it_natively():
     assert resolve_amp("fp16", cpu) == (torch.float16, True) and resolve_amp("bf16", cpu) == (torch.bfloat16, False)
 
 
-@pytest.mark.parametrize("case", ["ctrl-c-in-imports", "sigterm-in-imports", "sigterm-awaiting-peers",
-                                  "ctrl-c-awaiting-peers"])
+@pytest.mark.parametrize("case", ["ctrl-c-in-imports", "sigterm-in-imports", "sigterm-in-imports-under-torchrun",
+                                  "sigterm-awaiting-peers", "ctrl-c-awaiting-peers"])
 def test_a_signal_before_training_ends_the_process_at_once_with_its_status(synthetic_data, tmp_path, case):
-    """Ctrl-C or SIGTERM while the imports run: one line (before, a traceback from inside an import, or silence).
+    """Ctrl-C or SIGTERM while the imports run: one line (before, a traceback from inside an import, or silence);
+    under torchrun, which SIGTERMs every worker when one fails, it points at the other lines instead of a rerun.
     SIGTERM or Ctrl-C while rank 0 waits in C++ for a peer that never comes: dead at once, as the OS does (a Python
     handler, KeyboardInterrupt's included, would only run after the wait: Ctrl-C did nothing until the timeout)."""
     import os
@@ -282,20 +283,28 @@ def test_a_signal_before_training_ends_the_process_at_once_with_its_status(synth
         port = s.getsockname()[1]
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
+    env.pop("PYTHONUNBUFFERED", None)  # as in CI: the config line before the wait must flush itself
+    if case.endswith("torchrun"):
+        env["TORCHELASTIC_RUN_ID"] = "test"
     p = subprocess.Popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *RECIPE, "--no-mlflow",
                           "--out-dir", tmp_path / "runs"], cwd=tmp_path, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    sig = signal.SIGINT if case.startswith("ctrl-c") else signal.SIGTERM
-    if case.endswith("imports"):
-        time.sleep(0.2)  # torch alone takes longer to import
-    else:
-        while not p.stdout.readline().startswith("config:"):  # printed just before the process group's set-up
-            assert p.poll() is None
-        time.sleep(1)
-    p.send_signal(sig)
-    _, err = p.communicate(timeout=20)
+    try:
+        sig = signal.SIGINT if case.startswith("ctrl-c") else signal.SIGTERM
+        if "imports" in case:
+            time.sleep(0.2)  # torch alone takes longer to import
+        else:
+            while not p.stdout.readline().startswith("config:"):  # printed just before the process group's set-up
+                assert p.poll() is None
+            time.sleep(1)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
     why = "interrupted (Ctrl-C)" if sig == signal.SIGINT else "stopped by SIGTERM"
-    lines = [] if case.endswith("peers") else [f"error: {why} while starting, before training began; no "
-                                                         "run was started: rerun the same command"]
+    then = "torchrun stops every rank when one fails or it is stopped itself: the other lines say which" \
+        if case.endswith("torchrun") else "rerun the same command"
+    lines = [] if case.endswith("peers") else [f"error: {why} while starting, before training began; no run was "
+                                               f"started: {then}"]
     assert (p.returncode, err.splitlines()) == (-sig, lines)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

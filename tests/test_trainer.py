@@ -173,6 +173,7 @@ def test_a_model_that_is_not_finite_is_never_checkpointed(synthetic_data, tmp_pa
     assert r.info.status == "FAILED"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cap is on host memory; this process would train on a GPU")
 @pytest.mark.parametrize("doing", ["training", "evaluating"])
 def test_out_of_memory_fails_in_one_line_that_names_the_batch_to_lower(synthetic_data, tmp_path, mlflow_env, doing):
     """A real allocator refusal: this process's address space is capped (soft limit) 64 MiB above what it uses, so
@@ -199,3 +200,20 @@ def test_out_of_memory_fails_in_one_line_that_names_the_batch_to_lower(synthetic
     else:  # the evaluation batch is not part of the recipe: the same run goes on with a smaller one
         assert re.fullmatch(r"out of memory on rank 0 \(cpu\) while evaluating in epoch 0 \(tried to allocate [\d.]+ "
                             r"MiB\); lower --eval-batch-size \(1000\) and rerun", str(e.value)), str(e.value)
+
+
+def test_out_of_memory_is_told_from_other_errors_with_the_size_it_asked_for():
+    import numpy as np
+
+    from ddp_train.trainer import out_of_memory
+    with pytest.raises(MemoryError) as numpy_refusal:
+        np.empty(2 ** 60, dtype=np.uint8)  # a real refusal: numpy names the size in its own units
+    cuda = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB"
+    assert [out_of_memory(e) for e in (
+        numpy_refusal.value, torch.OutOfMemoryError(cuda), RuntimeError("CUDA error: out of memory"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                     "allocate 262144000 bytes. Error code 12"),
+        RuntimeError("Connection closed by peer"), ValueError("out of memory"))] == [
+        "tried to allocate 1.00 EiB", "tried to allocate 2.00 GiB", "tried to allocate an unknown size",
+        "tried to allocate an unknown size", "tried to allocate 250.0 MiB", "", ""]
