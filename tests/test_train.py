@@ -286,9 +286,11 @@ def test_a_signal_before_training_ends_the_process_at_once_with_its_status(synth
     env.pop("PYTHONUNBUFFERED", None)  # as in CI: the config line before the wait must flush itself
     if case.endswith("torchrun"):
         env["TORCHELASTIC_RUN_ID"] = "test"
+    # as from a terminal: a suite started in the background (`… &`) passes SIGINT on ignored, and stays so
     p = subprocess.Popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *RECIPE, "--no-mlflow",
                           "--out-dir", tmp_path / "runs"], cwd=tmp_path, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         sig = signal.SIGINT if case.startswith("ctrl-c") else signal.SIGTERM
         if "imports" in case:
