@@ -161,8 +161,12 @@ def test_a_second_live_process_on_a_run_directory_is_refused(synthetic_data, tmp
     assert first.returncode == 0 and "epoch 2 |" in rest  # the live run was not disturbed
 
 
-def test_a_killed_rank_0_leaves_its_run_failed_not_running(synthetic_data, tmp_path, mlflow_env):
-    proc = popen(ddp(2, synthetic_data, "--epochs", "20", "--run-name", "k"), tmp_path, mlflow_env)
+@pytest.mark.parametrize("nproc", [2, 3], ids=["rank-0-killed", "ranks-0-and-1-killed-together"])
+def test_a_killed_rank_0_leaves_its_run_failed_not_running(synthetic_data, tmp_path, mlflow_env, nproc):
+    """Rank 0 killed (with rank 1 too, as when their node is lost): the last rank, the only one left, names the
+    checkpoint rank 0 completed and marks the run FAILED, which only rank 1 used to do."""
+    proc = popen(ddp(nproc, synthetic_data, "--epochs", "20", "--run-name", "k", "--batch-size", str(33 * nproc)),
+                 tmp_path, mlflow_env)
     out = []
     read_until(proc, "epoch 1 |", out)
     first = tmp_path / "runs" / "k" / "checkpoints" / "ckpt_e0001_s000000.pt"
@@ -170,15 +174,16 @@ def test_a_killed_rank_0_leaves_its_run_failed_not_running(synthetic_data, tmp_p
     while not first.exists():  # rank 0 writes it in the background
         assert time.monotonic() < deadline, "epoch 0's checkpoint never appeared"
         time.sleep(0.05)
-    worker(proc, 0).send_signal(signal.SIGKILL)
+    for w in [worker(proc, rank) for rank in range(nproc - 1)]:
+        w.send_signal(signal.SIGKILL)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    [line] = [line for line in error_lines(rest) if "rank 1 lost its peers in epoch" in line]
-    # rank 1 names the newest checkpoint rank 0 completed before it died (epoch 1's may have been written too)
+    [line] = [line for line in error_lines(rest) if f"rank {nproc - 1} lost its peers in epoch" in line]
+    # it names the newest checkpoint rank 0 completed before it died (epoch 1's may have been written too)
     done = sorted(first.parent.glob("ckpt_*.pt"))
     assert line.endswith(f"to resume from {done[-1].relative_to(tmp_path)}"), (done, line)
     _, [r] = mlflow_runs(mlflow_env)
-    assert r.info.status == "FAILED"  # set by rank 1: rank 0 could not
+    assert r.info.status == "FAILED"  # set by the survivor: rank 0 could not
 
 
 def test_a_stopped_rank_fails_the_others_within_the_dist_timeout(synthetic_data, tmp_path):
