@@ -227,9 +227,10 @@ class Tracker:
     def _model_logged_before(self, register_as: str) -> bool:
         """A continued run may hold its model already: an earlier attempt failed after uploading it (a rerun exports
         again). Then it is not logged, nor registered, a second time."""
+        from mlflow.entities import LoggedModelStatus
         found = self.client.search_logged_models(
             [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = 'model'")
-        ready = [m for m in found if str(m.status).endswith("READY")]
+        ready = [m for m in found if m.status == LoggedModelStatus.READY]
         if not ready:
             return False
         if register_as and not self.client.search_model_versions(f"name = '{register_as}' AND run_id = "

@@ -51,8 +51,8 @@ def out_of_memory(e: BaseException) -> str:
     if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and any(
             w in str(e) for w in ("can't allocate memory", "CUDA error: out of memory", "ALLOC_FAILED")))):
         return ""
-    m = re.search(r"(?:ried|nable) to allocate (\d+) bytes|(?:ried|nable) to allocate ([\d.]+ \w+)", str(e))
-    size = (f"{int(m[1]) / 2 ** 20:.1f} MiB" if m[1] else m[2]) if m else "an unknown size"
+    m = re.search(r"(?:ried|nable) to allocate ([\d.]+) (\w+)", str(e))  # CUDA's, numpy's and the CPU's wording
+    size = "an unknown size" if not m else f"{float(m[1]) / 2 ** 20:.1f} MiB" if m[2] == "bytes" else f"{m[1]} {m[2]}"
     return f"tried to allocate {size}"
 
 
@@ -388,9 +388,13 @@ class Trainer:
         example = data.normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).numpy()
         self.tracker.log_model(final, example, register_as=self.cfg.register_model)  # last: it ends the run
 
+    def _newest(self):
+        """The newest complete checkpoint, for a line on the way out (None: none, or the run never got that far)."""
+        return self.ckpt.newest() if hasattr(self, "ckpt") else None
+
     def _out_of_memory(self, allocation: str) -> str:
         cfg, name = self.cfg, getattr(self, "run_name", "")
-        newest = self.ckpt.newest() if hasattr(self, "ckpt") else None
+        newest = self._newest()
         resume = f"rerun with --run-name {name} to resume from {newest}" if newest else "rerun"
         epoch = f" in epoch {self.epoch}" if self.doing in ("training", "evaluating") else ""
         where = f"out of memory on rank {self.d.rank} ({self.device}) while {self.doing}{epoch} ({allocation})"
@@ -412,11 +416,10 @@ class Trainer:
             # torchrun sends the survivors at once.
             tracking.mark_failed(self.run_id, self.tracking_uri)
         self._exit.close()
-        allocation = out_of_memory(exc) if exc is not None and not lost else ""
-        if allocation:
+        if not lost and (allocation := out_of_memory(exc)):
             raise OutOfMemory(self._out_of_memory(allocation)) from exc
         if lost:
-            newest = self.ckpt.newest() if hasattr(self, "ckpt") else None
+            newest = self._newest()
             rerun = f"rerun with --run-name {getattr(self, 'run_name', '')} (a requeued job does)"
             if newest:
                 then = f"{rerun} to resume from {newest}"

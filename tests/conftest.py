@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,12 @@ def fill(directory):
                 assert e.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def error_lines(stderr: str) -> list:

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from conftest import free_port, run
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 EPOCHS = 4
@@ -22,12 +21,6 @@ RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", str(EPOCHS), "--ba
           "--warmup-epochs", "0.5", "--loader", "resident", "--system-metrics-interval", "1"]
 SECRET = "s3cret-T0KEN"
 EPOCH_LINE = re.compile(r"^epoch (\d+) \| .*? \| test ([\d.]+) %", re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(store: Path):

@@ -14,7 +14,7 @@ import torch
 
 from data_prep.manifest import manifest_checksum
 
-from conftest import TORCHRUN, error_lines, run
+from conftest import TORCHRUN, error_lines, free_port, run
 
 EPOCHS = 5
 # On the 2,000/1,000-image synthetic set this recipe reaches 58% test top-1 after 5 epochs on 2 CPU processes
@@ -277,12 +277,8 @@ def test_a_signal_before_training_ends_the_process_at_once_with_its_status(synth
     SIGTERM or Ctrl-C while rank 0 waits in C++ for a peer that never comes: dead at once, as the OS does (a Python
     handler, KeyboardInterrupt's included, would only run after the wait: Ctrl-C did nothing until the timeout)."""
     import os
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+           "MASTER_PORT": str(free_port())}
     env.pop("PYTHONUNBUFFERED", None)  # as in CI: the config line before the wait must flush itself
     if case.endswith("torchrun"):
         env["TORCHELASTIC_RUN_ID"] = "test"
