@@ -51,7 +51,7 @@ class Config:
     label_smoothing: float = knob(0.1, "label smoothing of the training loss")
     schedule: str = knob("onecycle", "lr schedule: linear warm-up then linear decay to 0, or constant",
                          ["onecycle", "constant"])
-    warmup_epochs: float = knob(5.0, "onecycle: epochs of linear warm-up to the peak lr")
+    warmup_epochs: float = knob(5.0, "onecycle: epochs of linear warm-up to the peak lr (fewer than --epochs)")
     # augmentation (flip always; on the device, seeded by seed, epoch and rank)
     augment: bool = knob(True, "training augmentation: random flip, translate and cutout")
     translate: int = knob(2, "random translation of up to this many pixels (0: off)")
@@ -115,6 +115,10 @@ class Config:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.schedule == "onecycle" and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.epochs}: the "
+                              f"learning rate would rise for the whole run and never decay; pass a shorter warm-up, "
+                              f"e.g. --warmup-epochs {self.epochs / 8:g} (an eighth of the run, like the 40-epoch recipe)")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs --momentum > 0; pass --no-nesterov or a momentum")
         try:

@@ -41,7 +41,7 @@ step "$logs/prep.log" run "$IMAGE" python -m data_prep --source synthetic --synt
 
 echo "2 gloo processes through the entrypoint, MLflow on"
 step "$logs/train.log" run -e NPROC_PER_NODE=2 -e MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db "$IMAGE" \
-  --preset cpu-demo --width 8 --epochs 1 --batch-size 100 --data-dir /workspace/data --out-dir /workspace/runs \
+  --preset cpu-demo --width 8 --epochs 1 --warmup-epochs 0.5 --batch-size 100 --data-dir /workspace/data --out-dir /workspace/runs \
   --run-name smoke || fail "training"
 grep -q "^run smoke finished: test top-1" "$logs/train.log" || fail "no summary line in the run's output"
 for f in model.pt time_budget.csv learning_curves.png run.json; do

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from ddp_train.config import PRESETS, Config, parse
+from ddp_train.config import PRESETS, Config, ConfigError, parse
 
 from conftest import error_lines, run
 
@@ -80,6 +80,17 @@ def test_bad_config_files_exit_2_with_one_line(tmp_path, text, fragment):
 def test_non_finite_numbers_are_bad_input(args, fragment):
     p = run([sys.executable, "-m", "ddp_train", "--check", *args])
     assert p.returncode == 2 and error_lines(p.stderr) == [f"error: {fragment}"], p.stderr
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused_with_a_shorter_one_named():
+    """`--epochs 3` with the default 5 warm-up epochs used to climb for the whole run and end at the peak lr."""
+    with pytest.raises(ConfigError) as e:
+        Config(epochs=3).validate()
+    assert str(e.value) == ("--warmup-epochs 5 is not shorter than --epochs 3: the learning rate would rise for the "
+                            "whole run and never decay; pass a shorter warm-up, e.g. --warmup-epochs 0.375 (an "
+                            "eighth of the run, like the 40-epoch recipe)")
+    Config(epochs=3, warmup_epochs=2.5).validate()
+    Config(epochs=3, schedule="constant").validate()  # no warm-up to speak of
 
 
 def test_yaml_numbers_are_read_by_the_fields_type(tmp_path):
