@@ -3,7 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
-SYSTEM_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+# FFCV's libraries, and what building its extension (ffcv 1.0.2 is a source package) and the venv need: a compiler,
+# Python's headers and venv module (Debian's python3.X-dev and -venv, when PYTHON is the system's python3.X)
+SYSTEM_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config build-essential \
+  $(foreach p,$(filter python3.%,$(patsubst /usr/bin/%,%,$(PYTHON))),$(p)-venv $(p)-dev)
 
 SOURCE ?=
 DATA   ?=
@@ -22,7 +25,8 @@ IMAGE  ?= cifar100-ddp
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  variables: SOURCE=download|synthetic|PATH  DATA=dir  NPROC=n  EPOCHS=n  ARGS='--flag value …'  PORT=n"
-	@echo "             SUBMIT='launcher flags'  DOCKER=docker|podman  IMAGE=name  USE_PIP=1 (pip, not uv)"
+	@echo "             HOST=addr  ALLOWED_HOSTS=names (mlflow-server)  SUBMIT='launcher flags'  DOCKER=docker|podman"
+	@echo "             IMAGE=name  PYTHON=python3.11 (builds .venv)  USE_PIP=1 (pip, not uv)"
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo -n "$$p "; done); \
@@ -71,8 +75,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 setup: system-deps $(VENV)/.installed ## build .venv for training (and apt-install FFCV's system libraries when root)
 
+# SOURCE=synthetic: the full-size stand-in of CIFAR-100 in data/synthetic/, the set `make train SOURCE=synthetic` uses
 prep-data: setup ## write data/*.beton + manifest.json (SOURCE=download|synthetic|PATH, default download)
-	$(PY) -m data_prep --source $(or $(SOURCE),download) --out $(or $(DATA),$(if $(filter synthetic,$(SOURCE)),data/synthetic,data))
+	$(PY) -m data_prep --source $(or $(SOURCE),download) --out $(or $(DATA),$(if $(filter synthetic,$(SOURCE)),data/synthetic,data)) \
+	  $(if $(filter synthetic,$(SOURCE)),--synthetic-train 50000 --synthetic-test 10000)
 
 train: setup ## torchrun on all local GPUs (2 CPU processes and a small synthetic demo without one)
 	@$(PY) -m ddp_train.launch $(if $(SOURCE),--source $(SOURCE)) $(if $(DATA),--data-dir $(DATA)) \
