@@ -27,12 +27,18 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see python -m data_prep --help")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default of None is described in the help itself
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = _Parser(prog="python -m data_prep", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m data_prep", description=__doc__, formatter_class=_Help)
     p.add_argument("--source", default="download",
                    help=f"'download' (official archive, MD5-checked), 'synthetic', or a path to {ARCHIVE_NAME} "
                         "or its extracted directory")
-    p.add_argument("--out", type=Path, default=Path("data"), help="output directory for the betons and manifest")
+    p.add_argument("--out", type=Path, default=None, help="output directory for the betons and manifest [data/, or "
+                                                         "data/synthetic/ for --source synthetic]")
     p.add_argument("--allow-custom", action="store_true",
                    help="accept a local archive/directory that is not the official one (e.g. a subset)")
     p.add_argument("--force", action="store_true", help="rewrite even when the manifest says it is up to date")
@@ -59,7 +65,10 @@ def parse_args(argv=None):
                    help="synthetic: fraction of the training labels moved to another fine class of the same "
                         "superclass; None: 0.2 × the level")
     p.add_argument("--workers", type=int, default=2, help="FFCV writer processes")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:  # generated data never takes the place of a real set in data/
+        args.out = Path("data/synthetic" if args.source == "synthetic" else "data")
+    return args
 
 
 def check(args) -> None:

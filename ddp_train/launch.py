@@ -4,14 +4,23 @@ With GPUs: one process per GPU under torchrun (python -m ddp_train.torchrun: tor
 default recipe, the official CIFAR-100 in data/ (SOURCE=synthetic: the full-size hard synthetic set). One GPU needs
 no torchrun: the trainer runs as the one process itself, which saves torchrun's start-up and handles the same
 signals. Without a GPU: the `cpu-demo` preset on 2 gloo processes and a 5,000-image synthetic set (medium
-difficulty) in data/synthetic/.
+difficulty) in data/synthetic-demo/, apart from the full-size one in data/synthetic/.
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from .config import OneLineParser
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of processes, 1 or more, got '{text}'")
+    return int(text)
 
 
 def gpus() -> list:
@@ -32,39 +41,60 @@ def gpus() -> list:
     return names
 
 
+def held(data_dir: str) -> str:
+    """What a prepared data directory holds, from its manifest: the launch line says which data trains."""
+    try:
+        m = json.loads((Path(data_dir) / "manifest.json").read_text())
+        counts = f"{m['splits']['train']['count']:,} train / {m['splits']['test']['count']:,} test images"
+        request = m.get("request") or {}
+        what = f"synthetic, difficulty {request['difficulty']:g}" if m["source"] == "synthetic" else m["source"]
+        return f"{counts} ({what})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a manifest this launcher cannot read (the trainer checks it)"
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddp_train.launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m ddp_train.launch", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="", help="data source for data_prep (default: download with GPUs, "
                                                 "synthetic without)")
-    p.add_argument("--data-dir", default="", help="default: data/ (data/synthetic/ for synthetic data)")
-    p.add_argument("--nproc", default="", help="processes (default: one per GPU, or 2 on CPU)")
+    p.add_argument("--data-dir", default="", help="default: data/ (synthetic data: data/synthetic/ with GPUs, "
+                                                  "data/synthetic-demo/ without)")
+    p.add_argument("--nproc", type=positive, default=0, help="processes (default: one per GPU, or 2 on CPU)")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="passed to python -m ddp_train")
     args = p.parse_args(argv)
+    extra = [a for a in args.trainer_args if a != "--"]
+    given = [a.split("=", 1)[1] if "=" in a else (extra[i + 1] if i + 1 < len(extra) else "")
+             for i, a in enumerate(extra) if a == "--data-dir" or a.startswith("--data-dir=")]
+    if given and args.data_dir and given[-1] != args.data_dir:
+        p.error(f"the data directory is given twice ({args.data_dir} and the trainer's --data-dir {given[-1]}); "
+                "give it once")
 
     names = gpus()
     source = args.source or ("download" if names else "synthetic")
-    data_dir = args.data_dir or ("data/synthetic" if source == "synthetic" else "data")
-    nproc = int(args.nproc) if args.nproc else (len(names) or 2)
-    extra = [a for a in args.trainer_args if a != "--"]
+    default = "data" if source != "synthetic" else "data/synthetic" if names else "data/synthetic-demo"
+    data_dir = args.data_dir or (given[-1] if given else default)
+    nproc = args.nproc or len(names) or 2
     if names:
         # the synthetic stand-in at full size and the default (hard) difficulty, like CIFAR-100 for the recipe
         size = ["--synthetic-train", "50000", "--synthetic-test", "10000"]
         print(f"launch: {len(names)} GPU(s) ({names[0]}): {nproc} process(es), the full recipe (python -m "
-              f"ddp_train --help shows it), data from {data_dir}")
+              f"ddp_train --help shows it)")
     else:
         size = ["--synthetic-difficulty", "medium"]  # the hard set teaches a CPU demo little in 4 epochs
         extra = ["--preset", "cpu-demo", *extra]
-        print(f"launch: no GPU found — CPU demo: {nproc} gloo processes, preset cpu-demo (ResNet-18 at width 16, "
-              f"4 epochs), {source} data in {data_dir}/. On GPUs the same command trains the full recipe.")
+        print(f"launch: no GPU found — CPU demo: {nproc} gloo process{'es' * (nproc > 1)}, preset cpu-demo "
+              "(ResNet-18 at width 16, 4 epochs). On GPUs the same command trains the full recipe.")
 
-    if not (Path(data_dir) / "manifest.json").is_file():  # data prepared earlier is used as it is
+    if (Path(data_dir) / "manifest.json").is_file():  # data prepared earlier is used as it is
+        print(f"launch: data in {data_dir}/: {held(data_dir)}")
+    else:
         from data_prep.__main__ import main as prep
         print(f"launch: no prepared data in {data_dir}/: preparing it (--source {source})", flush=True)
         if prep(["--source", source, "--out", data_dir, *(size if source == "synthetic" else [])]) != 0:
             return 1
 
-    trainer = ["-m", "ddp_train", "--data-dir", data_dir, *extra]
+    trainer = ["-m", "ddp_train", *(["--data-dir", data_dir] if not given else []), *extra]
     if nproc == 1:
         cmd = [sys.executable, *trainer]
     else:  # torchrun, ending in one line instead of a traceback when a worker fails or a signal stops it

@@ -226,3 +226,16 @@ def test_a_re_prep_that_fills_the_disk_keeps_the_set_that_was_there(tmp_path):
         assert verify(out, full=True)["splits"]["train"]["count"] == 200
         assert sorted(p.name for p in out.iterdir()) == [".prep.lock", "cifar100_test.beton", "cifar100_train.beton",
                                                          "manifest.json"]
+
+
+def test_generated_data_goes_to_its_own_directory_unless_told(capsys):
+    """`python -m data_prep --source synthetic` used to replace the official set in data/."""
+    from pathlib import Path
+
+    from data_prep.__main__ import parse_args
+    assert parse_args(["--source", "synthetic"]).out == Path("data/synthetic")
+    assert parse_args([]).out == parse_args(["--source", "x.tar.gz"]).out == Path("data")
+    assert parse_args(["--source", "synthetic", "--out", "d"]).out == Path("d")
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "(default: None)" not in capsys.readouterr().out  # such defaults are described in the help itself

@@ -90,5 +90,28 @@ def test_one_process_needs_no_torchrun(synthetic_data, tmp_path):
                        text=True, timeout=300, check=False)
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"launch: {sys.executable} -m ddp_train --data-dir" in p.stdout and "torchrun" not in p.stdout
+    assert f"launch: data in {synthetic_data}/: 2,000 train / 1,000 test images (synthetic, difficulty 0)\n" \
+        in p.stdout  # what trains is said, not only where it lies
     assert lines(p.stderr) == ["error: --batch-size 4000 exceeds the training set (2000 images over 1 rank(s)); "
                                "use a batch of at most 2000"]
+
+
+def test_the_launchers_bad_input_is_one_line_and_a_trainer_data_dir_is_where_it_prepares(tmp_path):
+    """`make train NPROC=two` was a ValueError traceback; `make train ARGS='--data-dir X'` prepared data/ for a
+    trainer that read X."""
+    def launch(*args):
+        return subprocess.run([sys.executable, "-m", "ddp_train.launch", *args], cwd=tmp_path, env=env(),
+                              capture_output=True, text=True, timeout=60, check=False)
+    for nproc in ("two", "0"):
+        p = launch("--nproc", nproc)
+        assert p.returncode == 2 and lines(p.stderr) == [
+            f"error: argument --nproc: must be a number of processes, 1 or more, got '{nproc}'; see python -m "
+            "ddp_train.launch --help"], p.stderr
+    p = launch("--data-dir", "a", "--", "--data-dir", "b")
+    assert p.returncode == 2 and lines(p.stderr) == [
+        "error: the data directory is given twice (a and the trainer's --data-dir b); give it once; see python -m "
+        "ddp_train.launch --help"], p.stderr
+    # a source that cannot be read ends the preparation early; it was to go where the trainer reads
+    p = launch("--source", str(tmp_path / "missing.tar.gz"), "--nproc", "1", "--", "--data-dir=mine")
+    assert p.returncode != 0 and "launch: no prepared data in mine/: preparing it" in p.stdout, p.stdout + p.stderr
+    assert not (tmp_path / "data").exists() and not any(tmp_path.iterdir())
