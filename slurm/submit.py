@@ -59,26 +59,32 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.trainer_args))
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default of None is described in the help itself
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     from ddp_train.config import OneLineParser
-    p = OneLineParser(prog="python -m slurm.submit", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m slurm.submit", description=__doc__, formatter_class=_Help)
     p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0 for CPU nodes (gloo)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node; 0 for CPU nodes (gloo) (default: 8; with --local, this machine's GPUs)")
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="workers per node (default: one per GPU; required with --gpus-per-node 0)")
-    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (FFCV's loader threads use them)")
     p.add_argument("--mem", default=None, help="memory per node, e.g. 64G (default: the partition's)")
     p.add_argument("--time", type=int, default=240, help="time limit in minutes")
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--job-name", default="cifar100-ddp")
+    p.add_argument("--account", default=None, help="Slurm account (default: yours)")
+    p.add_argument("--qos", default=None, help="Slurm QOS (default: the account's)")
+    p.add_argument("--job-name", default="cifar100-ddp", help="Slurm job name")
     p.add_argument("--log-dir", type=Path, default=Path("slurm-logs"),
                    help="submitit's folder: logs (%%j_%%t_log.out/err) and job pickles")
     p.add_argument("--signal-delay", type=int, default=180, help="seconds before the time limit that USR2 comes")
     p.add_argument("--local", action="store_true", help="run here without Slurm (submitit's local executor)")
-    p.add_argument("--wait", action="store_true", help="follow the job to its end and exit with its status")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end and exit with the trainer's "
+                                                        "status (1 when a task died without one)")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="after --: flags for python -m ddp_train")
     args, unknown = p.parse_known_args(argv)
     if unknown:  # argparse would say "unrecognized arguments"; the usual cause is a missing --
@@ -92,9 +98,14 @@ def parse_args(argv=None):
             p.error(message)
     need(args.nodes >= 1, f"--nodes must be at least 1, got {args.nodes}")
     need(not args.local or args.nodes == 1, "--local runs on one node; drop --nodes")
+    local_gpus = args.gpus_per_node is None and args.local  # --local without a GPU must not start 8 CPU workers
+    if args.gpus_per_node is None:
+        from ddp_train.launch import gpus
+        args.gpus_per_node = len(gpus()) if args.local else 8
     need(args.gpus_per_node >= 0, f"--gpus-per-node must be 0 (CPU nodes) or more, got {args.gpus_per_node}")
     if args.tasks_per_node is None:
-        need(args.gpus_per_node >= 1, "--gpus-per-node 0 needs --tasks-per-node (CPU workers per node)")
+        need(args.gpus_per_node >= 1, "--local found no GPU here: pass --tasks-per-node (CPU workers)" if local_gpus
+             else "--gpus-per-node 0 needs --tasks-per-node (CPU workers per node)")
         args.tasks_per_node = args.gpus_per_node
     need(args.tasks_per_node >= 1, f"--tasks-per-node must be at least 1, got {args.tasks_per_node}")
     need(args.cpus_per_task >= 1, f"--cpus-per-task must be at least 1, got {args.cpus_per_task}")
@@ -118,13 +129,12 @@ def make_log_dir(path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Bad trainer flags and missing data fail here, not in the queue.
-    from data_prep.manifest import verify
+    # Bad trainer flags, data and output directory fail here with the trainer's own checks, not in the queue.
     from ddp_train.config import parse
+    from ddp_train.train import preflight
     cfg = parse(args.trainer_args)
-    try:
-        cfg.validate(args.nodes * args.tasks_per_node)
-        verify(cfg.data_dir)  # the quick check: size and mtime (the trainer checks again at start)
+    try:  # the quick data check, size and mtime (the trainer checks again at start)
+        preflight(cfg, args.nodes * args.tasks_per_node, gpus=args.gpus_per_node > 0, full=False)
         make_log_dir(args.log_dir)
     except JobError as e:
         return report(e)
@@ -162,7 +172,8 @@ def main(argv=None) -> int:
                    if line.startswith("error: ")]
         reason = reasons[0] if reasons else " ".join(str(e).split())[-400:]
         print(f"error: job {job.job_id} failed: {reason}; logs in {job.paths.folder}", file=sys.stderr)
-        return 1
+        status = re.search(r"trainer exited with status (\d+)", str(e))  # TrainJob's, carried by submitit
+        return int(status[1]) if status else 1
     print(f"job {job.job_id} finished")
     return 0
 

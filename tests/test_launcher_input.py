@@ -36,6 +36,15 @@ SUBMIT = {  # case: (launcher flags, trainer flags, exit status, the one line)
     "bad trainer value": (CPU, [*RECIPE, "--lr", "-1"], 2, "error: --lr must be positive, got -1.0"),
     "batch vs world size": (CPU, [*RECIPE, "--batch-size", "101"], 2,
                             "error: --batch-size 101 is not divisible by the world size 2; use a multiple of 2"),
+    "local without a GPU or tasks": ([], RECIPE, 2,  # it used to start 8 CPU workers (--gpus-per-node's default)
+                                     "error: --local found no GPU here: pass --tasks-per-node (CPU workers)" + HELP),
+    # the trainer's own checks, for the job's world size, before anything is submitted
+    "unwritable out dir": (CPU, [*RECIPE, "--out-dir", "a-file/runs"], 2,
+                           "error: --out-dir a-file/runs is not a writable directory; choose one this job can write"),
+    "batch over the set": (CPU, [*RECIPE, "--batch-size", "4000"], 2, "error: --batch-size 4000 exceeds the training "
+                           "set (2000 images over 2 rank(s)); use a batch of at most 2000"),
+    "sync-bn on CPU nodes": (CPU, [*RECIPE, "--sync-bn"], 2, "error: --sync-bn needs GPUs (gloo has no SyncBatchNorm); "
+                             "on CPU use --norm gn or drop it"),
     "unwritable log dir": ([*CPU, "--log-dir", "a-file/logs"], RECIPE, 2, "error: --log-dir a-file/logs cannot be "
                            "written (Not a directory); choose another directory"),
     "no data": (CPU, [*RECIPE, "--data-dir", "missing"], 1, ("error: no prepared data in missing/ (no manifest.json); "
@@ -75,7 +84,10 @@ SBATCH = {  # case: (variables changed, trainer flags, exit status, the one line
     "no torchrun": ({"VENV": "/nonexistent", "PATH": "/usr/bin:/bin"}, RECIPE, 1,
                     "error: torchrun not found: run make setup, set VENV=…, or use the container image"),
     "no data": ({"DATA_DIR": "missing"}, RECIPE, 1, ("error: no prepared data in missing/ (no manifest.json); run make "
-                "prep-data on a node with the data, or set DATA_DIR")),
+                "prep-data on a node with the data, or point --data-dir or DATA_DIR at it")),
+    "no data at --data-dir": ({}, [*RECIPE, "--data-dir", "elsewhere"], 1, (  # the flag wins over DATA_DIR (data/)
+        "error: no prepared data in elsewhere/ (no manifest.json); run make prep-data on a node with the data, or "
+        "point --data-dir or DATA_DIR at it")),
     "bad trainer value": ({}, [*RECIPE, "--lr", "-1"], 2, "error: --lr must be positive, got -1.0"),
     "batch vs world size": ({"NPROC_PER_NODE": "3"}, RECIPE, 2,
                             "error: --batch-size 100 is not divisible by the world size 3; use a multiple of 3"),

@@ -22,3 +22,14 @@ def test_local_launcher_trains_two_tasks_and_waits(synthetic_data, tmp_path):
     log = (tmp_path / "slurm-logs" / job.group(1) / f"{job.group(1)}_0_log.out").read_text()
     assert len(re.findall(r"^epoch \d+ \|", log, re.MULTILINE)) == 2 and "2 × cpu (gloo)" in log
 
+
+
+def test_wait_exits_with_the_trainers_status(synthetic_data, tmp_path):
+    """A refusal inside the job (exit 2: --resume never over checkpoints) reaches the caller as 2, not as 1."""
+    (tmp_path / "data").symlink_to(synthetic_data)
+    (tmp_path / "runs" / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "checkpoints" / "ckpt_e0001_s000000.pt").write_bytes(b"")
+    p = submit(tmp_path, "--wait", "--", *RECIPE, "--run-name", "r", "--resume", "never", "--no-mlflow")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert re.fullmatch(r"error: job \d+ failed: runs/r/checkpoints already holds checkpoints and --resume never "
+                        r"would overwrite them; .*; logs in \S+", p.stderr.strip()), p.stderr

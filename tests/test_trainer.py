@@ -29,7 +29,7 @@ def setup(data_dir, tmp_path, env, *extra):
                                 "--tracking-uri", env["MLFLOW_TRACKING_URI"], *extra])
     d = dist.from_env()
     assert not d.distributed
-    return cfg, d, preflight(cfg, d)
+    return cfg, d, preflight(cfg, d.world_size, d.device.type == "cuda")
 
 
 def runs(env):
