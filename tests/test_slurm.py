@@ -134,7 +134,7 @@ def test_bad_sbatch_submissions_fail_clearly(cluster, tmp_path, case):
     assert wait_for(cluster, job, DONE) == "FAILED"
     log = (tmp_path / f"cifar100-ddp-{job}.log").read_text()
     assert error_lines(log) == [("error: no prepared data in data/ (no manifest.json); run make prep-data on a "
-                                 "node with the data, or set DATA_DIR")]
+                                 "node with the data, or point --data-dir or DATA_DIR at it")]
 
 
 @pytest.mark.parametrize("case", ["partition", "gpus", "no-data"])
