@@ -193,9 +193,9 @@ def step_part(args) -> dict:
 
 def trainer_cmd(args, loader: str, runs: Path, name: str) -> list:
     return [sys.executable, "-m", "ddp_train", "--data-dir", args.data_dir, "--loader", loader, "--no-mlflow",
-            "--epochs", str(args.epochs), "--warmup-epochs", f"{min(5, args.epochs / 8):g}", "--width", str(args.width),
-            "--batch-size", str(args.batch_size), "--num-workers", str(args.workers), "--out-dir", str(runs), "--run-name", name, "--progress", "line",
-            "--resume", "never"]
+            "--epochs", str(args.epochs), "--warmup-epochs", f"{min(5, args.epochs / 8):g}",  # the recipe's at 40
+            "--width", str(args.width), "--batch-size", str(args.batch_size), "--num-workers", str(args.workers),
+            "--out-dir", str(runs), "--run-name", name, "--progress", "line", "--resume", "never"]
 
 
 def child_cmd(args, part: str, result: Path) -> list:

@@ -32,13 +32,13 @@ class Config:
     loader: str = knob("auto", "resident: the splits read once into device memory and batched there; ffcv: FFCV "
                                "loaders; auto: resident on a GPU when the splits fit, else ffcv (the same batches "
                                "either way)", ["auto", "ffcv", "resident"], resumable=True)
-    num_workers: int = knob(4, "FFCV loader threads per process (FFCV also makes it torch's CPU thread count)",
+    num_workers: int = knob(4, "FFCV loader threads per process, and torch's CPU thread count with either loader",
                             resumable=True)
     verify_data: bool = knob(False, "hash every beton against the manifest at start (by default only files whose "
                                     "size or mtime changed since prep are hashed)", resumable=True)
     # model
     model: str = knob("resnet18", "architecture", ["resnet18", "seed2018"])
-    width: int = knob(64, "base channel width of resnet18 (64 is the standard ResNet-18)")
+    width: int = knob(64, "base channel width of resnet18 (64 is the standard ResNet-18; seed2018 has a fixed width)")
     norm: str = knob("bn", "normalisation layer: BatchNorm, or GroupNorm (batch-independent)", ["bn", "gn"])
     sync_bn: bool = knob(False, "SyncBatchNorm: batch statistics over all ranks (GPU only; for small per-GPU batches)")
     # optimisation
@@ -83,13 +83,13 @@ class Config:
                                "config; never: start afresh (refused where the run directory already holds one)",
                        ["auto", "never"], resumable=True)
     # tracking
-    system_metrics: bool = knob(True, "log CPU, memory and GPU metrics to the run (each node's first process)",
-                                resumable=True)
+    system_metrics: bool = knob(True, "log CPU, memory, disk, network and GPU metrics to the run (each node's first "
+                                      "process)", resumable=True)
     system_metrics_interval: float = knob(10.0, "seconds between system metric samples", resumable=True)
     log_every_steps: int = knob(0, "also log train loss and lr every N optimizer steps, asynchronously (0: off)",
                                 resumable=True)
-    tta_thresholds: str = knob("50,60,70", "time to accuracy: seconds of training until test top-1 first reaches "
-                                           "each of these percentages (comma-separated; empty: none)",
+    tta_thresholds: str = knob("50,60,70", "time to accuracy: seconds of training and evaluation until test top-1 "
+                                           "first reaches each of these percentages (comma-separated; empty: none)",
                                resumable=True)
     register_model: str = knob("", "also register the final model under this name in the MLflow model registry",
                                resumable=True)
@@ -116,9 +116,10 @@ class Config:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.schedule == "onecycle" and self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.epochs}: the "
-                              f"learning rate would rise for the whole run and never decay; pass a shorter warm-up, "
-                              f"e.g. --warmup-epochs {self.epochs / 8:g} (an eighth of the run, like the 40-epoch recipe)")
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than --epochs {self.epochs}: "
+                              "the learning rate would rise for the whole run and never decay; pass a shorter "
+                              f"warm-up, e.g. --warmup-epochs {self.epochs / 8:g} (an eighth of the run, like the "
+                              "40-epoch recipe)")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs --momentum > 0; pass --no-nesterov or a momentum")
         try:
@@ -209,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML or TOML file of config fields (flags override it)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named recipe (config file and flags override it)")
     p.add_argument("--check", action="store_true", help="validate the config (for WORLD_SIZE) and the data, then "
-                   "exit without training; launchers run it before they allocate workers")
+                   "exit without training; the Slurm launchers run it before any worker starts")
     for f in FIELDS.values():
-        kw = {"help": f"{f.metadata['help']} (default: {f.default!r})", "dest": f.name}
+        text = f.metadata["help"]  # a help that explains its default itself gets no "(default: '')"
+        kw = {"help": text if "(default:" in text else f"{text} (default: {f.default!r})", "dest": f.name}
         if f.type is bool:
             p.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, **kw)
         else:

@@ -3,7 +3,8 @@
 # the entrypoint (torchrun, MLflow on sqlite) into a mounted workspace, files owned by the image's user, and the
 # entrypoint's one-line refusal without a GPU. Prints "smoke ok", the image's size and the seconds of each step.
 #
-#   docker/smoke.sh                       ENGINE=podman|docker  IMAGE=cifar100-ddp:smoke  BASE_IMAGE=debian:bookworm-slim
+#   docker/smoke.sh                       ENGINE=docker|podman (docker when installed)  IMAGE=cifar100-ddp:smoke
+#                                         BASE_IMAGE=debian:bookworm-slim
 #   BUILD_FLAGS='…' / RUN_FLAGS='…'       extra flags for the engine's build / run (a local wheel mirror, runtimes)
 #
 # Without a registry, make the base with debootstrap (see README, Containers). On the 2-vCPU build machine
@@ -11,7 +12,7 @@
 # the run 15 s; the image is 8.65 GB, most of it torch's CUDA 13 wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ENGINE=${ENGINE:-podman}
+ENGINE=${ENGINE:-$(command -v docker >/dev/null && echo docker || echo podman)}
 IMAGE=${IMAGE:-cifar100-ddp:smoke}
 BASE_IMAGE=${BASE_IMAGE:-debian:bookworm-slim}
 read -r -a build_flags <<<"${BUILD_FLAGS:-}"
@@ -33,7 +34,9 @@ step "$logs/build.log" "$ENGINE" build "${build_flags[@]}" -f docker/Dockerfile 
 ws=$(mktemp -d)
 trap 'rm -rf "$ws"' EXIT  # (the container's files are uid 1000's: root, or the engine's user namespace, removes them)
 chmod 0777 "$ws"  # the image runs as uid 1000
-run() { "$ENGINE" run --rm "${run_flags[@]}" -v "$ws:/workspace" "$@"; }
+# A CPU proof also on a host whose default runtime is NVIDIA's: the image's NVIDIA_VISIBLE_DEVICES=all would give
+# every run the host's GPUs ("void": none)
+run() { "$ENGINE" run --rm "${run_flags[@]}" -e NVIDIA_VISIBLE_DEVICES=void -v "$ws:/workspace" "$@"; }
 
 echo "data prep in the container"
 step "$logs/prep.log" run "$IMAGE" python -m data_prep --source synthetic --synthetic-train 2000 \
