@@ -145,7 +145,7 @@ class Trainer:
             cfg.system_metrics_interval, label_node=local_world < d.world_size, log=print)
         self._exit.callback(self.sysmetrics.stop)
         self.step_logger = tracking.StepLogger(self.tracker, cfg.log_every_steps)
-        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+        amp = self._amp_name()
         self.log(f"run {self.run_name}: {d.world_size} × {self.device.type} "
                  f"({'nccl' if self.device.type == 'cuda' else 'gloo'}), {cfg.batch_size // d.world_size} images per "
                  f"rank per step, {self.steps} steps per epoch, amp {amp}, {self.loader_kind} loader, data "
@@ -167,7 +167,14 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # --amp auto picks by GPU: a job requeued onto another GPU generation may continue in the other precision
+        # (bf16 needs no grad scaler, fp16 does). The scaler's state carries over only between two fp16 attempts.
+        amp, saved = self._amp_name(), state.get("amp", self._amp_name())
+        if amp != saved:
+            self.log(f"note: the checkpoint trained with autocast {saved}; this device runs {amp} (--amp "
+                     f"{self.cfg.amp}): continuing in {amp}{' with a new grad scaler' * self.scaler.is_enabled()}")
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step, self.history = state["epoch"], state["step"], state["history"]
         self.per_superclass, self.resume_run_id = state.get("per_superclass"), state.get("mlflow_run_id")
         if state["world_size"] == self.d.world_size:  # this rank's RNG and partial-epoch state
@@ -177,10 +184,12 @@ class Trainer:
                 torch.cuda.set_rng_state(self.rank_state["cuda_rng"], self.device)
         self.log(f"resuming from {path}: epoch {self.start_epoch}, step {self.start_step} of {self.steps}")
 
+    def _amp_name(self) -> str:
+        return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+
     def _tags(self, manifest_sha: str) -> dict:
-        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
         return {**run_info.tags(self.d.world_size, self.device, manifest_sha, self.manifest, self.run_dir),
-                "amp": amp, "loader": self.loader_kind}
+                "amp": self._amp_name(), "loader": self.loader_kind}
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -305,7 +314,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "amp": self._amp_name(),
                 "history": self.history, "per_superclass": self.per_superclass,
                 # the run at the job's tracking URI (not a fallback store's); an attempt with --no-mlflow passes on the
                 # run it resumed: the next tracked attempt continues it, and logs the epochs it lacks
