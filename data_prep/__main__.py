@@ -2,7 +2,6 @@
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import math
 import os
 import signal
@@ -16,7 +15,7 @@ from ddp_train.errors import ConfigError, JobError, exit_now, report
 from . import cifar
 from .beton import write_dataset
 from .cifar import ARCHIVE_NAME, DataError
-from .files import digest, missing_dirs, remove_empty, writable
+from .files import digest, missing_dirs, remove_empty, try_lock, writable
 from .manifest import MANIFEST, verify
 
 LOCK = ".prep.lock"
@@ -153,6 +152,8 @@ def up_to_date(out: Path, request: dict) -> bool:
         return False
     if m.get("request") != request:
         return False
+    if request["source"] in ("synthetic", "download"):  # not paths (a directory ./synthetic is not the source)
+        return True
     src = Path(request["source"])
     if src.is_file():  # a local archive may have been replaced under the same name
         return m["source_checksum"] == f"md5:{digest(src, 'md5')}"
@@ -169,18 +170,24 @@ def only_writer(out: Path):
     created = missing_dirs(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / LOCK, "a")  # noqa: SIM115  (held open: the flock lives with it)
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DataError(f"another data prep is writing {out}; wait for it to end or choose another --out") \
-                from None
-        yield
-    except BaseException:
+
+    def remove_created():
         if created:
             (out / LOCK).unlink(missing_ok=True)
             remove_empty(created)
-        raise
+    try:
+        try:
+            locked = try_lock(lock, out / LOCK)
+        except OSError as e:
+            remove_created()
+            raise DataError(f"{e.strerror}; choose an --out on one that does") from None
+        if not locked:  # OUT and its lock are the holder's, even when this process saw OUT missing a moment ago
+            raise DataError(f"another data prep is writing {out}; wait for it to end or choose another --out")
+        try:
+            yield
+        except BaseException:
+            remove_created()
+            raise
     finally:
         lock.close()
 

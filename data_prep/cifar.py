@@ -97,14 +97,27 @@ def _labels(values, what: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def _names(values, what: str) -> list:
+    """Class names as the official meta has them (bytes, UTF-8), or as str (a set pickled by Python 3)."""
+    names = list(values)
+    for n in names:
+        if not isinstance(n, (bytes, str)):
+            raise DataError(f"{what}: the class names must be strings, got {type(n).__name__} {n!r}")
+        try:
+            n.decode() if isinstance(n, bytes) else n.encode()
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise DataError(f"{what}: the class name {n!r} is not valid UTF-8; fix the set's meta file") from None
+    return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+
 def read_members(get, origin: str, checksum: str, official: bool) -> Cifar100:
     """Build a Cifar100 from a `get(name) -> bytes` over the archive's members `train`, `test`, `meta`."""
     parts = {name: _unpickle(get(name), f"{origin}: {name}") for name in ("train", "test", "meta")}
     meta = parts["meta"]
     try:
-        fine_names = [n.decode() for n in meta[b"fine_label_names"]]
-        coarse_names = [n.decode() for n in meta[b"coarse_label_names"]]
-    except (KeyError, TypeError, AttributeError):
+        fine_names, coarse_names = (_names(meta[key], f"{origin}: meta {key.decode()}")
+                                    for key in (b"fine_label_names", b"coarse_label_names"))
+    except (KeyError, TypeError):
         raise DataError(f"{origin}: meta lacks fine_label_names/coarse_label_names: not CIFAR-100") from None
     ds = Cifar100(_split(parts["train"], f"{origin}: train"), _split(parts["test"], f"{origin}: test"),
                   fine_names, coarse_names, origin, checksum, official)

@@ -2,6 +2,7 @@
 only when complete and on disk)."""
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -83,3 +84,17 @@ def remove_empty(dirs: list) -> None:
             d.rmdir()
         except OSError:  # not empty, or already gone
             break
+
+
+def try_lock(f, what: str) -> bool:
+    """flock the open file `f` exclusively, without waiting → False when another process holds it. A filesystem
+    that cannot lock at all (NFS without its lock service, Lustre mounted noflock) is not "in use": OSError whose
+    message names `what` and the cause."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        raise OSError(e.errno, f"cannot lock {what} ({e.strerror}): its filesystem does not support file locks "
+                               "(flock)") from None

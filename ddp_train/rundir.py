@@ -12,7 +12,6 @@ explicit --run-name is a request to continue that run: it is granted only when i
 and the data; otherwise the job stops with one line and nothing of the old run is touched.
 """
 import datetime
-import fcntl
 import json
 import os
 import secrets
@@ -20,6 +19,7 @@ import shutil
 import socket
 from pathlib import Path
 
+from data_prep.files import try_lock
 from data_prep.manifest import atomic_write_bytes
 
 from .config import Config, resume_difference
@@ -105,8 +105,13 @@ class RunDir:
             raise JobError(f"cannot create the run directory {self.path} ({e.strerror}); choose a writable "
                            "--out-dir") from None
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            locked = try_lock(self._lock, self.path / ".lock")
+        except OSError as e:
+            self.close()
+            if created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise JobError(f"{e.strerror}; choose an --out-dir on one that does") from None
+        if not locked:
             self._lock.seek(0)
             holder = self._lock.read().strip() or "another process"
             self.close()

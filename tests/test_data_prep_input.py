@@ -239,3 +239,63 @@ def test_generated_data_goes_to_its_own_directory_unless_told(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "(default: None)" not in capsys.readouterr().out  # such defaults are described in the help itself
+
+
+def test_class_names_in_str_are_read_and_names_that_are_not_utf8_are_one_line(tmp_path):
+    """A custom meta pickled by Python 3 (str names) read as "meta lacks fine_label_names: not CIFAR-100"; a name
+    that is not UTF-8 was a UnicodeDecodeError traceback."""
+    split = {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1], b"coarse_labels": [0, 0]}
+
+    def read(fine):
+        meta = {b"fine_label_names": fine, b"coarse_label_names": [b"x"]}
+        path = cifar.write_archive(tmp_path / "custom.tar.gz", {"train": split, "test": split, "meta": meta})
+        return cifar.read_archive(path, allow_custom=True)
+    assert read(["a", "b"]).fine_names == ["a", "b"]
+    with pytest.raises(cifar.DataError, match=r"meta fine_label_names: the class name b'caf\\xe9' is not valid UTF-8; "
+                                              "fix the set's meta file$"):
+        read([b"caf\xe9", b"b"])
+
+
+def test_the_request_is_matched_without_taking_synthetic_or_download_for_paths(synthetic_data, tmp_path,
+                                                                               monkeypatch):
+    """A directory named like a source word in the working directory made a second prep fail ("no file 'train'")."""
+    import json
+
+    from data_prep.__main__ import up_to_date
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic").mkdir()
+    (tmp_path / "download").write_text("")
+    request = json.loads((synthetic_data / "manifest.json").read_text())["request"]
+    assert up_to_date(synthetic_data, request)
+
+
+def test_a_refused_prep_leaves_the_running_ones_directory_and_lock_alone(tmp_path, monkeypatch):
+    """Two preps into a new --out: both saw it missing, one took the lock. The other's refusal used to remove the
+    directory and unlink the winner's lock as if it had created them."""
+    import fcntl
+
+    import data_prep.__main__ as prep_main
+    out = tmp_path / "new" / "out"
+    out.mkdir(parents=True)
+    with open(out / prep_main.LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the winner
+        monkeypatch.setattr(prep_main, "missing_dirs", lambda path: [out, out.parent])  # what the loser saw
+        with pytest.raises(cifar.DataError, match="another data prep is writing"), prep_main.only_writer(out):
+            pass
+        assert (out / prep_main.LOCK).is_file()
+
+
+def test_a_filesystem_without_locks_is_named_not_taken_for_a_prep_in_progress(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    import data_prep.__main__ as prep_main
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # NFS without its lock service answers so
+    with pytest.raises(cifar.DataError) as e, prep_main.only_writer(tmp_path / "out"):
+        pass
+    assert str(e.value) == (f"cannot lock {tmp_path}/out/.prep.lock (No locks available): its filesystem does not "
+                            "support file locks (flock); choose an --out on one that does")
+    assert not (tmp_path / "out").exists()

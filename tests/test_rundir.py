@@ -115,3 +115,20 @@ def test_a_full_disk_at_start_fails_in_one_line_and_leaves_no_run_directory(tmp_
         assert str(e.value) == (f"cannot write to the run directory {out / 'r'} (No space left on device); free "
                                 "space or choose another --out-dir")
         assert sorted(p.name for p in out.iterdir()) == ["filler"]
+
+
+def test_a_filesystem_without_locks_is_named_and_leaves_no_run_directory(tmp_path, monkeypatch):
+    """flock failing for a reason other than another holder (ENOLCK: NFS without its lock service) was reported as
+    "in use by another process"."""
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    c = cfg(tmp_path)
+    with pytest.raises(JobError) as e:
+        rundir.RunDir(tmp_path, "r").open(c, "sha", ident())
+    assert str(e.value) == (f"cannot lock {tmp_path}/r/.lock (No locks available): its filesystem does not support "
+                            "file locks (flock); choose an --out-dir on one that does")
+    assert not (tmp_path / "r").exists()
