@@ -51,6 +51,9 @@ def verify(data_dir: Path, full: bool = False) -> dict:
         except (KeyError, TypeError):
             raise DataError(f"{data_dir / MANIFEST} lacks the {split} beton's file, bytes or sha256; "
                             "rerun data prep with --force") from None
+        if entry["file"] != beton_name(split):  # the loaders read this name: a manifest must not vouch for another
+            raise DataError(f"{data_dir / MANIFEST} lists {entry['file']!r} as the {split} beton, not "
+                            f"{beton_name(split)!r} (edited by hand?); rerun data prep with --force")
         if not path.is_file():
             raise DataError(f"{path} is missing but listed in {data_dir / MANIFEST}; rerun data prep with --force")
         st = path.stat()

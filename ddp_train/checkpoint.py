@@ -22,7 +22,7 @@ from .errors import JobError, remedy
 from .rundir import RunConflict
 
 VERSION = 1
-PATTERN = re.compile(r"^ckpt_e(\d{4})_s(\d{6})\.pt$")
+PATTERN = re.compile(r"^ckpt_e(\d{4,})_s(\d{6,})\.pt$")  # wider past epoch 9999 or step 999999
 
 
 class CheckpointError(JobError):

@@ -66,7 +66,7 @@ class Tracker:
         # The trainer prints the run's address itself, redacted.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = tracking_uri or mlflow.get_tracking_uri()
-        self.remote = self.uri.startswith(("http://", "https://"))
+        self.remote = self.uri.lower().startswith(("http://", "https://"))  # MLflow reads schemes so too
         if self.remote:  # fail over in seconds, not after MLflow's minutes of retries with back-off
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

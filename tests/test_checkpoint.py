@@ -20,6 +20,15 @@ def test_keeps_the_last_k_newest_first(tmp_path):
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
 
 
+def test_epochs_past_9999_and_steps_past_999999_are_still_checkpoints(tmp_path):
+    """Their names widen (ckpt_e10000_…): they were never found to resume from, nor pruned."""
+    for e, s in [(9999, 0), (10000, 0), (10000, 1_000_000)]:
+        checkpoint.save(state(e, s), checkpoint.path_for(tmp_path, e, s), keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_e10000_s1000000.pt",
+                                                                       "ckpt_e10000_s000000.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_e10000_s000000.pt", "ckpt_e10000_s1000000.pt"]
+
+
 def test_falls_back_past_truncated_foreign_and_mismatched_checkpoints(tmp_path):
     logs = []
     checkpoint.save(state(1, 0), checkpoint.path_for(tmp_path, 1, 0), keep=10)

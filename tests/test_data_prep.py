@@ -254,3 +254,17 @@ def test_verify_rejects_truncated_and_replaced_betons_and_a_manifest_that_is_not
     (prepared / MANIFEST).write_text("[]")  # valid JSON, not a manifest
     with pytest.raises(DataError, match=r"manifest.json is not a data prep manifest \(a JSON list\)"):
         verify(prepared)
+
+
+def test_a_manifest_that_names_another_file_than_the_loaders_read_is_refused(synthetic_data, tmp_path):
+    """The check hashed the file the manifest names; both loaders read cifar100_<split>.beton."""
+    for f in synthetic_data.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    m = json.loads((synthetic_data / "manifest.json").read_text())
+    m["splits"]["train"]["file"] = "cifar100_test.beton"
+    m["splits"]["train"].update({k: m["splits"]["test"][k] for k in ("bytes", "sha256", "mtime_ns")})
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"lists 'cifar100_test.beton' as the train beton, not 'cifar100_train.beton' "
+                                        r"\(edited by hand\?\); rerun data prep with --force"):
+        verify(tmp_path)

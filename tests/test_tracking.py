@@ -252,3 +252,15 @@ def test_logging_the_model_leaves_the_run_running_until_the_job_ends_it(tmp_path
     mark_failed(t.run_id, uri)  # what a survivor does when rank 0 dies now
     assert c.get_run(t.run_id).info.status == "FAILED"
 
+
+
+def test_a_server_uri_in_capitals_is_a_server_that_fails_over(tmp_path, monkeypatch):
+    """MLflow reads HTTP:// as a server; the tracker did not, so it neither cut MLflow's retries nor fell back."""
+    from ddp_train.tracking import Tracker
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test: the Tracker sets them for its process
+    t = Tracker(True, f"HTTP://127.0.0.1:{free_port()}", "e", fallback_dir=tmp_path, log=lambda *a, **k: None)
+    assert t.remote and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    t.start("r", {"lr": 0.1}, {})  # nothing listens there
+    assert t.fallback and t.fallback[1] == f"sqlite:///{tmp_path}/mlflow-fallback.db" and t.run_id
+    t.finish("FINISHED")
