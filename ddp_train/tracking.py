@@ -55,7 +55,9 @@ class Tracker:
         self.experiment_id = None
         self.fallback = None            # (reason, uri) once the run has moved to the local fallback store
         self.fallen_from = None         # then: the run it left at the tracking URI (None: none was created there)
-        self.journal = {"name": None, "params": {}, "tags": {}, "metrics": [], "inputs": []}
+        # what a move to the fallback store replays: what this attempt logged, and (a continued run) the epochs
+        # and dataset inputs the run held already, which this attempt did not log again
+        self.journal = {"name": None, "params": {}, "tags": {}, "metrics": [], "inputs": [], "held": {}}
         if not enabled:
             return
         with warnings.catch_warnings():
@@ -113,6 +115,8 @@ class Tracker:
                               "fallback_from": f"{redact(self.journal.get('server'))} run {lost_run}"})
             if self.journal["inputs"]:
                 self.client.log_inputs(self.run_id, datasets=self.journal["inputs"])
+            for epoch, metrics in sorted(self.journal["held"].items()):
+                self._log_batch(metrics, epoch)
             for metrics, step in self.journal["metrics"]:
                 self._log_batch(metrics, step)
         except Exception as e:
@@ -183,6 +187,11 @@ class Tracker:
         """The run's dataset inputs (`make_inputs()` → DatasetInputs), logged once: not again for a continued run."""
         if self.run_id and not self.continued:
             self._guard("log_inputs", lambda: self._log_inputs(make_inputs()), journaled=True)
+        elif self.run_id:  # kept for a fallback run only
+            try:
+                self.journal["inputs"] = make_inputs()
+            except Exception as e:
+                self.log(f"warning: MLflow dataset inputs could not be built ({_reason(e)}); training continues")
 
     def _log_inputs(self, inputs):
         self.journal["inputs"] = inputs
@@ -191,7 +200,9 @@ class Tracker:
     def log_epoch(self, metrics: dict, epoch: int) -> None:
         """Per-epoch metrics with step=epoch; an epoch the run already holds (re-run after a resume from an
         older checkpoint) is not logged twice."""
-        if self.run_id and epoch not in self.logged_epochs:
+        if self.run_id and epoch in self.logged_epochs and self.continued:
+            self.journal["held"].setdefault(epoch, dict(metrics))  # the run has it: a fallback run gets it too
+        elif self.run_id and epoch not in self.logged_epochs:
             self.journal["metrics"].append((dict(metrics), epoch))
             self._guard("log_metrics", lambda: self._log_batch(metrics, epoch), journaled=True)
             self.logged_epochs.add(epoch)

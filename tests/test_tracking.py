@@ -264,3 +264,38 @@ def test_a_server_uri_in_capitals_is_a_server_that_fails_over(tmp_path, monkeypa
     t.start("r", {"lr": 0.1}, {})  # nothing listens there
     assert t.fallback and t.fallback[1] == f"sqlite:///{tmp_path}/mlflow-fallback.db" and t.run_id
     t.finish("FINISHED")
+
+
+def test_a_continued_run_that_fails_over_takes_its_earlier_epochs_and_datasets_along(synthetic_data, tmp_path):
+    """A resumed job continues the server's run without logging its earlier epochs again; when the server then
+    died, the fallback run got only the epochs after the resume, and no dataset inputs."""
+    from mlflow import MlflowClient
+
+    from data_prep.manifest import manifest_checksum, verify
+    from ddp_train import run_info
+    from ddp_train.tracking import Tracker
+    manifest = verify(synthetic_data)
+    inputs = lambda: run_info.datasets(manifest, manifest_checksum(synthetic_data))  # noqa: E731
+    quiet = lambda *a, **k: None  # noqa: E731
+    srv = start_server(tmp_path / "server")
+    try:
+        first = Tracker(True, srv["url"], "e", fallback_dir=tmp_path, log=quiet)
+        first.start("r", {"lr": 0.1}, {})
+        first.log_inputs(inputs)
+        for epoch in (0, 1):
+            first.log_epoch({"test_top1": 10.0 + epoch}, epoch)
+        first.finish("KILLED")
+        again = Tracker(True, srv["url"], "e", fallback_dir=tmp_path, log=quiet)
+        again.start("r", {"lr": 0.1}, {}, resume_run_id=first.run_id)
+        again.log_inputs(inputs)
+        for epoch in (0, 1):  # the trainer passes its history on; the run holds these
+            again.log_epoch({"test_top1": 10.0 + epoch}, epoch)
+        assert again.continued
+    finally:
+        stop_server(srv)
+    again.log_epoch({"test_top1": 12.0}, 2)  # the server is gone: the run moves to the fallback store
+    again.finish("FINISHED")
+    c = MlflowClient(again.fallback[1])
+    assert [(m.step, m.value) for m in c.get_metric_history(again.run_id, "test_top1")] == [
+        (0, 10.0), (1, 11.0), (2, 12.0)]
+    assert len(c.get_run(again.run_id).inputs.dataset_inputs) == 2
