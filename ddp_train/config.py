@@ -287,3 +287,22 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     except ConfigError as e:
         sys.exit(report(e))
     return cfg, check
+
+
+def preflight(cfg: Config, world_size: int, gpus: bool, full: bool | None = None) -> dict:
+    """Everything that can be checked before a process group exists: config, data, output directory. → manifest
+    (The submitit launcher runs the same checks before it submits, for the job's world size.)"""
+    from data_prep import files  # here: make train's launcher parses with this module and needs none of it
+    from data_prep import manifest as manifest_lib
+    cfg.validate(world_size)
+    if cfg.sync_bn and not gpus:
+        raise ConfigError("--sync-bn needs GPUs (gloo has no SyncBatchNorm); on CPU use --norm gn or drop it")
+    if not files.writable(cfg.out_dir):
+        raise ConfigError(f"--out-dir {cfg.out_dir} is not a writable directory; choose one this job can write")
+    manifest = manifest_lib.verify(cfg.data_dir, full=cfg.verify_data if full is None else full)
+    count = manifest["splits"]["train"]["count"]
+    per_rank = cfg.batch_size // world_size
+    if math.ceil(count / world_size) < per_rank:  # each rank's share of the shuffled set, in whole batches
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the training set ({count} images over "
+                          f"{world_size} rank(s)); use a batch of at most {count // world_size * world_size}")
+    return manifest

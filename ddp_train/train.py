@@ -10,41 +10,20 @@ measured 2026-11-26 on a full-size synthetic set); its accuracy on CIFAR-100 is 
 This file is the entry point: the checks that run before anything starts (also `--check`), the process group,
 and one Trainer (trainer.py) whose exit ends the run with the right status.
 """
-import math
 import os
 import signal
 import sys
 
 import yaml
 
-from data_prep import files
-from data_prep import manifest as manifest_lib
-
 from . import config as config_lib
 from . import dist
 from .budget import Budget
-from .config import Config, ConfigError
+from .config import preflight
 from .errors import EXIT_REQUEUE, JobError, report, started  # noqa: F401  (EXIT_REQUEUE: slurm/submit.py reads it here)
 from .rundir import RunFinished
 from .stop import StopAgreement
 from .trainer import Trainer
-
-
-def preflight(cfg: Config, world_size: int, gpus: bool, full: bool | None = None) -> dict:
-    """Everything that can be checked before a process group exists: config, data, output directory. → manifest
-    (The submitit launcher runs the same checks before it submits, for the job's world size.)"""
-    cfg.validate(world_size)
-    if cfg.sync_bn and not gpus:
-        raise ConfigError("--sync-bn needs GPUs (gloo has no SyncBatchNorm); on CPU use --norm gn or drop it")
-    if not files.writable(cfg.out_dir):
-        raise ConfigError(f"--out-dir {cfg.out_dir} is not a writable directory; choose one this job can write")
-    manifest = manifest_lib.verify(cfg.data_dir, full=cfg.verify_data if full is None else full)
-    count = manifest["splits"]["train"]["count"]
-    per_rank = cfg.batch_size // world_size
-    if math.ceil(count / world_size) < per_rank:  # each rank's share of the shuffled set, in whole batches
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the training set ({count} images over "
-                          f"{world_size} rank(s)); use a batch of at most {count // world_size * world_size}")
-    return manifest
 
 
 def main(argv=None) -> int:

@@ -130,8 +130,7 @@ def make_log_dir(path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Bad trainer flags, data and output directory fail here with the trainer's own checks, not in the queue.
-    from ddp_train.config import parse
-    from ddp_train.train import preflight
+    from ddp_train.config import parse, preflight
     cfg = parse(args.trainer_args)
     try:  # the quick data check, size and mtime (the trainer checks again at start)
         preflight(cfg, args.nodes * args.tasks_per_node, gpus=args.gpus_per_node > 0, full=False)

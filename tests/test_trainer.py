@@ -11,8 +11,8 @@ import torch
 from mlflow import MlflowClient
 
 from ddp_train import config, dist
+from ddp_train.config import preflight
 from ddp_train.errors import JobError
-from ddp_train.train import preflight
 from ddp_train.trainer import Trainer
 
 from conftest import FAST, fill, tmpfs
