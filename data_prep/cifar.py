@@ -20,7 +20,9 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 MEMBER_DIR = "cifar-100-python"
-OFFICIAL_COUNTS = {"train": 50_000, "test": 10_000}
+# The MD5 of each file of the official archive's cifar-100-python/ (the values torchvision checks them against)
+MEMBER_MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+              "meta": "7973b15100ade9c7d40fb424638fde48"}
 
 FINE_NAMES = [
     "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
@@ -66,7 +68,7 @@ class Cifar100:
     coarse_names: list
     source: str               # "download", "synthetic" or the local path
     checksum: str             # "md5:…" of the archive, or "sha256:…" of the pickles for a directory
-    official: bool            # the archive's MD5 is the official one
+    official: bool            # the archive's MD5 (a directory: its files') is the official one
 
 
 def _unpickle(raw: bytes, what: str) -> dict:
@@ -184,7 +186,7 @@ def read_archive(path: Path, allow_custom: bool) -> Cifar100:
 def read_directory(path: Path, allow_custom: bool) -> Cifar100:
     if (path / MEMBER_DIR).is_dir():
         path = path / MEMBER_DIR
-    h = hashlib.sha256()
+    h, md5 = hashlib.sha256(), {}
 
     def get(name):
         f = path / name
@@ -192,16 +194,19 @@ def read_directory(path: Path, allow_custom: bool) -> Cifar100:
             raise DataError(f"{path}: no file '{name}'; expected the extracted {MEMBER_DIR}/ (train, test, meta)")
         raw = f.read_bytes()
         h.update(raw)
+        md5[name] = hashlib.md5(raw).hexdigest()
         return raw
     ds = read_members(get, str(path), "", official=False)
     ds.checksum = f"sha256:{h.hexdigest()}"
-    # A directory has no archive MD5 to check; the official set is recognised by its exact shape.
-    counts = {"train": len(ds.train.images), "test": len(ds.test.images)}
-    ds.official = counts == OFFICIAL_COUNTS and (len(ds.fine_names), len(ds.coarse_names)) == (100, 20)
+    # A directory has no archive MD5: its three files are checked against the official ones' (a set of the same
+    # shape, e.g. relabelled, is not the official set)
+    ds.official = md5 == MEMBER_MD5
     if not ds.official and not allow_custom:
-        raise DataError(f"{path}: {counts['train']} train / {counts['test']} test images in {len(ds.fine_names)} "
-                        f"fine / {len(ds.coarse_names)} coarse classes, not the official 50000 / 10000 in 100 / 20; "
-                        "pass --allow-custom to accept a custom set in the same format")
+        name = next(n for n in MEMBER_MD5 if md5[n] != MEMBER_MD5[n])
+        raise DataError(f"{path}: not the official CIFAR-100 files (the MD5 of {name} is {md5[name]}, not "
+                        f"{MEMBER_MD5[name]}); {len(ds.train.images)} train / {len(ds.test.images)} test images in "
+                        f"{len(ds.fine_names)} fine / {len(ds.coarse_names)} coarse classes: pass --allow-custom to "
+                        "accept a custom set in the same format")
     return ds
 
 

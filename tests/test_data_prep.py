@@ -135,9 +135,14 @@ def test_local_archive_needs_official_md5_or_allow_custom(tmp_path):
     [line] = error_lines(p.stderr)
     assert "not the official" in line and "--allow-custom" in line
     assert not out.exists()
-    # the extracted directory, accepted as a custom set
+    # the extracted directory: not official by its files' MD5 (its shape is not checked: a relabelled or
+    # generated set of the official size used to pass as official), accepted as a custom set
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path / "extracted", filter="data")
+    with pytest.raises(DataError, match=r"extracted/cifar-100-python: not the official CIFAR-100 files \(the MD5 of "
+                                        r"train is [0-9a-f]{32}, not 16019d7e3df5f24257cddd939b257f8d\); 100 train / "
+                                        r"50 test images in 100 fine / 20 coarse classes: pass --allow-custom"):
+        cifar.read_directory(tmp_path / "extracted", allow_custom=False)
     p = prep("--source", tmp_path / "extracted", "--out", out, "--allow-custom", check=True)
     m = verify(out)
     assert m["splits"]["train"]["count"] == 100 and m["source_checksum"].startswith("sha256:")
