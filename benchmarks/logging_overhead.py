@@ -1,6 +1,6 @@
 """Throughput with per-step MLflow logging (every 10 steps, asynchronous) against none, in one session.
 
-    python benchmarks/logging_overhead.py [--data-dir data/synthetic] [--repeats 5] [-- trainer flags]
+    python benchmarks/logging_overhead.py [--data-dir data/synthetic-demo] [--repeats 5] [-- trainer flags]
 
 Runs the trainer alternately with and without `--log-every-steps`, each into a fresh sqlite store, and reports
 the median training images/s of each (epochs after the first, which includes compilation and warm-up) and their
@@ -28,14 +28,15 @@ def one_run(data_dir: str, log_every: int, extra: list) -> list:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="data/synthetic")
+    p.add_argument("--data-dir", default="data/synthetic-demo")  # make train's CPU demo set
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: trainer flags")
     args = p.parse_args()
     extra = [a for a in args.extra if a != "--"] or ["--preset", "cpu-demo", "--width", "8", "--epochs", "3"]
     if not (Path(args.data_dir) / "manifest.json").is_file():
-        print(f"error: no prepared data in {args.data_dir}/; run make prep-data SOURCE=synthetic", file=sys.stderr)
+        print(f"error: no prepared data in {args.data_dir}/; run make train once (it prepares the CPU demo set) or "
+              "pass --data-dir", file=sys.stderr)
         return 1
     rates = {0: [], args.every: []}
     for r in range(args.repeats):
