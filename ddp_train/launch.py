@@ -46,8 +46,8 @@ def held(data_dir: str) -> str:
     try:
         m = json.loads((Path(data_dir) / "manifest.json").read_text())
         counts = f"{m['splits']['train']['count']:,} train / {m['splits']['test']['count']:,} test images"
-        request = m.get("request") or {}
-        what = f"synthetic, difficulty {request['difficulty']:g}" if m["source"] == "synthetic" else m["source"]
+        level = (m.get("request") or {}).get("difficulty")
+        what = m["source"] + (f", difficulty {level:g}" if m["source"] == "synthetic" and level is not None else "")
         return f"{counts} ({what})"
     except (OSError, ValueError, KeyError, TypeError):
         return "a manifest this launcher cannot read (the trainer checks it)"
