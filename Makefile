@@ -3,10 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# FFCV's libraries, and what building its extension (ffcv 1.0.2 is a source package) and the venv need: a compiler,
-# Python's headers and venv module (Debian's python3.X-dev and -venv, when PYTHON is the system's python3.X)
-SYSTEM_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config build-essential \
-  $(foreach p,$(filter python3.%,$(patsubst /usr/bin/%,%,$(PYTHON))),$(p)-venv $(p)-dev)
+# FFCV's libraries, needed whenever it runs; and, only to build .venv, a compiler (ffcv 1.0.2 is a source package
+# whose extension is compiled at install) and, when PYTHON is Debian's own python3.X, its headers and venv module
+RUNTIME_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+BUILD_PACKAGES = build-essential $(foreach p,$(filter /usr/bin/python3.%,$(shell readlink -f "$$(command -v \
+  $(PYTHON))" 2>/dev/null)),$(notdir $(p))-venv $(notdir $(p))-dev)
+define apt_need # $(call apt_need,packages,what they are for): apt-get install the missing ones as root, else stop
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo -n "$$p "; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "setup: installing $(2): $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "error: missing system packages ($(2)): $$missing- run: sudo apt-get install -y --no-install-recommends $$missing" >&2; exit 1; \
+	  fi; \
+	fi
+endef
 
 SOURCE ?=
 DATA   ?=
@@ -29,15 +41,7 @@ help: ## list the targets
 	@echo "             IMAGE=name  PYTHON=python3.11 (builds .venv)  USE_PIP=1 (pip, not uv)"
 
 system-deps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo -n "$$p "; done); \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "setup: installing FFCV's system libraries: $$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else \
-	    echo "error: missing system packages: $$missing- run: sudo apt-get install -y --no-install-recommends $$missing" >&2; exit 1; \
-	  fi; \
-	fi
+	$(call apt_need,$(RUNTIME_PACKAGES),FFCV's libraries)
 
 # Installs go through uv (UV_VERSION, put into .venv with pip unless uv is on PATH): the same pins as pip, faster (a
 # fresh venv in 34-153 s against pip's 170-369 s, measured on the 2-vCPU build machine). uv reads no pip configuration,
@@ -65,6 +69,7 @@ endef
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11" >&2; exit 1; }
+	$(call apt_need,$(BUILD_PACKAGES),what building .venv needs)
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(call install,.)
 	@touch $@
@@ -77,8 +82,7 @@ setup: system-deps $(VENV)/.installed ## build .venv for training (and apt-insta
 
 # SOURCE=synthetic: the full-size stand-in of CIFAR-100 in data/synthetic/, the set `make train SOURCE=synthetic` uses
 prep-data: setup ## write data/*.beton + manifest.json (SOURCE=download|synthetic|PATH, default download)
-	$(PY) -m data_prep --source $(or $(SOURCE),download) --out $(or $(DATA),$(if $(filter synthetic,$(SOURCE)),data/synthetic,data)) \
-	  $(if $(filter synthetic,$(SOURCE)),--synthetic-train 50000 --synthetic-test 10000)
+	$(PY) -m data_prep --source $(or $(SOURCE),download) --out $(or $(DATA),$(if $(filter synthetic,$(SOURCE)),data/synthetic,data))
 
 train: setup ## torchrun on all local GPUs (2 CPU processes and a small synthetic demo without one)
 	@$(PY) -m ddp_train.launch $(if $(SOURCE),--source $(SOURCE)) $(if $(DATA),--data-dir $(DATA)) \

@@ -82,7 +82,7 @@ def parse_args(argv=None):
 def recipe(args):
     from ddp_train.config import Config
     return Config(data_dir=args.data_dir, width=args.width, batch_size=args.batch_size, epochs=args.epochs,
-                  num_workers=args.workers)
+                  warmup_epochs=min(5.0, args.epochs / 8), num_workers=args.workers)  # the recipe's 5 of 40
 
 
 def train_path(data_dir) -> Path:
@@ -193,7 +193,7 @@ def step_part(args) -> dict:
 
 def trainer_cmd(args, loader: str, runs: Path, name: str) -> list:
     return [sys.executable, "-m", "ddp_train", "--data-dir", args.data_dir, "--loader", loader, "--no-mlflow",
-            "--epochs", str(args.epochs), "--warmup-epochs", f"{min(5, args.epochs / 8):g}",  # the recipe's at 40
+            "--epochs", str(args.epochs), "--warmup-epochs", f"{recipe(args).warmup_epochs:g}",  # the plain loop's
             "--width", str(args.width), "--batch-size", str(args.batch_size), "--num-workers", str(args.workers),
             "--out-dir", str(runs), "--run-name", name, "--progress", "line", "--resume", "never"]
 

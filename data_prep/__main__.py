@@ -42,8 +42,9 @@ def parse_args(argv=None):
                    help="accept a local archive/directory that is not the official one (e.g. a subset)")
     p.add_argument("--force", action="store_true", help="rewrite even when the manifest says it is up to date")
     p.add_argument("--download-dir", type=Path, default=None, help="where the archive is downloaded [OUT/downloads]")
-    p.add_argument("--synthetic-train", type=int, default=5000, help="synthetic: number of training images")
-    p.add_argument("--synthetic-test", type=int, default=1000, help="synthetic: number of test images")
+    p.add_argument("--synthetic-train", type=int, default=50000,
+                   help="synthetic: number of training images (CIFAR-100's by default)")
+    p.add_argument("--synthetic-test", type=int, default=10000, help="synthetic: number of test images")
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: generator seed")
     p.add_argument("--synthetic-difficulty", default=cifar.DEFAULT_DIFFICULTY, metavar="LEVEL",
                    help="synthetic: how hard the set is: "

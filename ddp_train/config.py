@@ -51,7 +51,9 @@ class Config:
     label_smoothing: float = knob(0.1, "label smoothing of the training loss")
     schedule: str = knob("onecycle", "lr schedule: linear warm-up then linear decay to 0, or constant",
                          ["onecycle", "constant"])
-    warmup_epochs: float = knob(5.0, "onecycle: epochs of linear warm-up to the peak lr (fewer than --epochs)")
+    warmup_epochs: float = knob(5.0, "onecycle: epochs of linear warm-up to the peak lr, fewer than --epochs (a "
+                                         "run as short as the default's or a preset's warm-up, given none, warms up "
+                                         "for an eighth of itself)")
     # augmentation (flip always; on the device, seeded by seed, epoch and rank)
     augment: bool = knob(True, "training augmentation: random flip, translate and cutout")
     translate: int = knob(2, "random translation of up to this many pixels (0: off)")
@@ -281,6 +283,8 @@ def parse_args(argv=None) -> tuple[Config, bool]:
         values.update({k: _coerce(k, v, f"--config {path}") for k, v in file_values.items()})
         values.update(ns)
         cfg = Config(**values)
+        if "warmup_epochs" not in ns and "warmup_epochs" not in file_values and cfg.warmup_epochs >= cfg.epochs:
+            cfg.warmup_epochs = cfg.epochs / 8  # a short run (make train EPOCHS=2) warms up for an eighth of itself
         cfg.tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         cfg.experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or "cifar100-ddp"
         cfg.validate()

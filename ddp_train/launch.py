@@ -41,6 +41,13 @@ def gpus() -> list:
     return names
 
 
+def trainer_flag(args: list, flag: str):
+    """The value of the last `flag` among the trainer's arguments ('' when it has none), None when absent."""
+    values = [a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+              for i, a in enumerate(args) if a == flag or a.startswith(flag + "=")]
+    return values[-1] if values else None
+
+
 def held(data_dir: str) -> str:
     """What a prepared data directory holds, from its manifest: the launch line says which data trains."""
     try:
@@ -64,24 +71,31 @@ def main(argv=None) -> int:
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="passed to python -m ddp_train")
     args = p.parse_args(argv)
     extra = [a for a in args.trainer_args if a != "--"]
-    given = [a.split("=", 1)[1] if "=" in a else (extra[i + 1] if i + 1 < len(extra) else "")
-             for i, a in enumerate(extra) if a == "--data-dir" or a.startswith("--data-dir=")]
-    if given and args.data_dir and given[-1] != args.data_dir:
-        p.error(f"the data directory is given twice ({args.data_dir} and the trainer's --data-dir {given[-1]}); "
+    given = trainer_flag(extra, "--data-dir")
+    if given == "":
+        p.error("the trainer's --data-dir needs a directory")
+    if given is None and (path := trainer_flag(extra, "--config")):  # a config file may name it
+        from .config import ConfigError, load_file
+        try:
+            given = load_file(Path(path)).get("data_dir")
+        except ConfigError:
+            pass  # the trainer says what is wrong with the file
+    if given and args.data_dir and Path(given).resolve() != Path(args.data_dir).resolve():
+        p.error(f"the data directory is given twice ({args.data_dir} and the trainer's --data-dir {given}); "
                 "give it once")
 
     names = gpus()
     source = args.source or ("download" if names else "synthetic")
     default = "data" if source != "synthetic" else "data/synthetic" if names else "data/synthetic-demo"
-    data_dir = args.data_dir or (given[-1] if given else default)
+    data_dir = given or args.data_dir or default
     nproc = args.nproc or len(names) or 2
     if names:
-        # the synthetic stand-in at full size and the default (hard) difficulty, like CIFAR-100 for the recipe
-        size = ["--synthetic-train", "50000", "--synthetic-test", "10000"]
+        size = []  # data_prep's synthetic set: CIFAR-100's size, the default (hard) difficulty
         print(f"launch: {len(names)} GPU(s) ({names[0]}): {nproc} process(es), the full recipe (python -m "
               f"ddp_train --help shows it)")
     else:
-        size = ["--synthetic-difficulty", "medium"]  # the hard set teaches a CPU demo little in 4 epochs
+        # a tenth of the size, and medium difficulty: the hard set teaches a CPU demo little in 4 epochs
+        size = ["--synthetic-train", "5000", "--synthetic-test", "1000", "--synthetic-difficulty", "medium"]
         extra = ["--preset", "cpu-demo", *extra]
         print(f"launch: no GPU found — CPU demo: {nproc} gloo process{'es' * (nproc > 1)}, preset cpu-demo "
               "(ResNet-18 at width 16, 4 epochs). On GPUs the same command trains the full recipe.")
@@ -94,7 +108,7 @@ def main(argv=None) -> int:
         if prep(["--source", source, "--out", data_dir, *(size if source == "synthetic" else [])]) != 0:
             return 1
 
-    trainer = ["-m", "ddp_train", *(["--data-dir", data_dir] if not given else []), *extra]
+    trainer = ["-m", "ddp_train", *(["--data-dir", data_dir] if not given else []), *extra]  # (a given one is in extra)
     if nproc == 1:
         cmd = [sys.executable, *trainer]
     else:  # torchrun, ending in one line instead of a traceback when a worker fails or a signal stops it

@@ -57,7 +57,8 @@ class Tracker:
         self.fallen_from = None         # then: the run it left at the tracking URI (None: none was created there)
         # what a move to the fallback store replays: what this attempt logged, and (a continued run) the epochs
         # and dataset inputs the run held already, which this attempt did not log again
-        self.journal = {"name": None, "params": {}, "tags": {}, "metrics": [], "inputs": [], "held": {}}
+        self.journal = {"name": None, "params": {}, "tags": {}, "metrics": [], "inputs": [], "held": {},
+                        "epochs": set()}
         if not enabled:
             return
         with warnings.catch_warnings():
@@ -124,6 +125,10 @@ class Tracker:
             self.enabled = False
             return False
         self.fallback, self.fallen_from = (reason, uri), lost_run
+        # the fallback run is a new run holding what was replayed: an epoch the server's run held but this attempt
+        # had not passed on yet (a resume from an older checkpoint re-runs it) is logged there when it comes
+        self.continued = False
+        self.logged_epochs = set(self.journal["held"]) | self.journal["epochs"]
         what = "tracking URI" if self.unusable else "server"
         self.log(f"warning: MLflow {what} {redact(self.journal.get('server'))} unreachable ({reason}); the run "
                  f"continues in the local store {uri} (run {self.run_id}), with everything logged so far replayed; "
@@ -204,6 +209,7 @@ class Tracker:
             self.journal["held"].setdefault(epoch, dict(metrics))  # the run has it: a fallback run gets it too
         elif self.run_id and epoch not in self.logged_epochs:
             self.journal["metrics"].append((dict(metrics), epoch))
+            self.journal["epochs"].add(epoch)
             self._guard("log_metrics", lambda: self._log_batch(metrics, epoch), journaled=True)
             self.logged_epochs.add(epoch)
 

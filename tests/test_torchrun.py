@@ -111,6 +111,9 @@ def test_the_launchers_bad_input_is_one_line_and_a_trainer_data_dir_is_where_it_
     assert p.returncode == 2 and lines(p.stderr) == [
         "error: the data directory is given twice (a and the trainer's --data-dir b); give it once; see python -m "
         "ddp_train.launch --help"], p.stderr
+    p = launch("--", "--data-dir")  # it would have prepared the data into the working directory
+    assert p.returncode == 2 and lines(p.stderr) == [
+        "error: the trainer's --data-dir needs a directory; see python -m ddp_train.launch --help"], p.stderr
     # a source that cannot be read ends the preparation early; it was to go where the trainer reads
     p = launch("--source", str(tmp_path / "missing.tar.gz"), "--nproc", "1", "--", "--data-dir=mine")
     assert p.returncode != 0 and "launch: no prepared data in mine/: preparing it" in p.stdout, p.stdout + p.stderr

@@ -258,7 +258,8 @@ def test_a_server_uri_in_capitals_is_a_server_that_fails_over(tmp_path, monkeypa
     """MLflow reads HTTP:// as a server; the tracker did not, so it neither cut MLflow's retries nor fell back."""
     from ddp_train.tracking import Tracker
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(var, raising=False)  # restored after the test: the Tracker sets them for its process
+        monkeypatch.setenv(var, "")  # recorded, so that monkeypatch restores it (an absent one is not)
+        monkeypatch.delenv(var)  # the Tracker sets them for its process
     t = Tracker(True, f"HTTP://127.0.0.1:{free_port()}", "e", fallback_dir=tmp_path, log=lambda *a, **k: None)
     assert t.remote and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
     t.start("r", {"lr": 0.1}, {})  # nothing listens there
@@ -268,7 +269,9 @@ def test_a_server_uri_in_capitals_is_a_server_that_fails_over(tmp_path, monkeypa
 
 def test_a_continued_run_that_fails_over_takes_its_earlier_epochs_and_datasets_along(synthetic_data, tmp_path):
     """A resumed job continues the server's run without logging its earlier epochs again; when the server then
-    died, the fallback run got only the epochs after the resume, and no dataset inputs."""
+    died, the fallback run got only the epochs after the resume, and no dataset inputs. Here the job resumes from
+    the checkpoint of epoch 1 while the run holds epochs 0 and 1 (killed between logging epoch 1 and its
+    checkpoint): epoch 1 is trained again, and the server dies during it."""
     from mlflow import MlflowClient
 
     from data_prep.manifest import manifest_checksum, verify
@@ -288,14 +291,15 @@ def test_a_continued_run_that_fails_over_takes_its_earlier_epochs_and_datasets_a
         again = Tracker(True, srv["url"], "e", fallback_dir=tmp_path, log=quiet)
         again.start("r", {"lr": 0.1}, {}, resume_run_id=first.run_id)
         again.log_inputs(inputs)
-        for epoch in (0, 1):  # the trainer passes its history on; the run holds these
-            again.log_epoch({"test_top1": 10.0 + epoch}, epoch)
+        again.log_epoch({"test_top1": 10.0}, 0)  # the trainer passes its history on; the run holds it
         assert again.continued
     finally:
         stop_server(srv)
-    again.log_epoch({"test_top1": 12.0}, 2)  # the server is gone: the run moves to the fallback store
+    again.log_metrics({"probe": 1.0})  # the server is gone: the first call moves the run to the fallback store
+    for epoch, top1 in [(1, 11.5), (2, 12.0)]:  # epoch 1 again, then a new one
+        again.log_epoch({"test_top1": top1}, epoch)
     again.finish("FINISHED")
     c = MlflowClient(again.fallback[1])
     assert [(m.step, m.value) for m in c.get_metric_history(again.run_id, "test_top1")] == [
-        (0, 10.0), (1, 11.0), (2, 12.0)]
+        (0, 10.0), (1, 11.5), (2, 12.0)]
     assert len(c.get_run(again.run_id).inputs.dataset_inputs) == 2
