@@ -1,7 +1,6 @@
 """The Trainer's parts called one by one in this process, without torchrun or a process group: train_epoch,
 evaluate, end_epoch and finish; and the one exit, which ends the MLflow run with the status of how the block ended
 and frees the run directory; a disk that fills before the final model is written."""
-import math
 import os
 import re
 import signal
@@ -159,22 +158,17 @@ def test_amp_auto_continues_on_a_gpu_of_another_generation(synthetic_data, tmp_p
     end in a traceback (an empty scaler state loaded into an enabled scaler). Here the CPU's choice (off) stands in
     for bf16, which needs no scaler either, and step.resolve_amp is told what an older GPU would choose."""
     from ddp_train import step
-    chosen = {"off": (None, False), "float16": (torch.float16, True)}
-    before, after = "off", "float16"  # (the other way, the saved scaler state is not needed and not loaded)
     cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--amp", "auto", "--no-mlflow")
-    monkeypatch.setattr(step, "resolve_amp", lambda amp, device: chosen[before])
-    with Trainer(cfg, d, manifest) as t:
-        t.end_epoch(0, t.train_epoch(0), t.evaluate())
-        t.status = "KILLED"
-    monkeypatch.setattr(step, "resolve_amp", lambda amp, device: chosen[after])
-    with Trainer(cfg, d, manifest) as t:
-        assert t.start_epoch == 1 and t.scaler.is_enabled() == (after == "float16")
-        t.end_epoch(1, t.train_epoch(1), t.evaluate())
-        assert all(math.isfinite(h["train_loss"]) for h in t.history)
-        t.status = "KILLED"
-    scaler = " with a new grad scaler" if after == "float16" else ""
-    assert (f"note: the checkpoint trained with autocast {before}; this device runs {after} (--amp auto): "
-            f"continuing in {after}{scaler}\n") in capsys.readouterr().out
+    for attempt, chosen in enumerate([(None, False), (torch.float16, True)]):  # (the other way, the saved scaler
+        monkeypatch.setattr(step, "resolve_amp", lambda amp, device, c=chosen: c)  # state is simply not loaded)
+        with Trainer(cfg, d, manifest) as t:
+            assert t.start_step == attempt and t.scaler.is_enabled() == (attempt == 1)
+            t.stopper.requested = signal.SIGUSR2  # one step, then a checkpoint, as on a requeue
+            assert t.train_epoch(0) is None
+            t.status = "KILLED"
+    assert "note: the checkpoint trained with autocast off; this device runs float16 (--amp auto): continuing in " \
+           "float16 with a new grad scaler\n" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "unit" / "checkpoints" / "ckpt_e0000_s000002.pt").is_file()
 
 
 def test_a_model_that_is_not_finite_is_never_checkpointed(synthetic_data, tmp_path, mlflow_env):
