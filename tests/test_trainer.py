@@ -133,16 +133,22 @@ def test_a_stop_logs_its_last_step_metric_and_an_untracked_attempt_passes_the_ru
     assert [(m.step, m.value) for m in c.get_metric_history(run_id, "test_top1")] == [(0, untracked)]
 
 
+@pytest.mark.parametrize("registered_first", [True, False], ids=["registered", "registered-on-the-rerun"])
 def test_a_rerun_after_a_failure_past_the_model_upload_does_not_log_the_model_twice(synthetic_data, tmp_path,
-                                                                                    mlflow_env, capsys):
+                                                                                    mlflow_env, capsys,
+                                                                                    registered_first):
     """The time budget cannot be written (a directory takes its path) after the model went to MLflow; the rerun the
-    error line asks for exports again into the same run, which keeps one model and one registered version."""
+    error line asks for exports again into the same run, which keeps one model and one registered version. When the
+    first attempt did not register it (--register-model, which a resume may change, given only to the rerun), the
+    rerun registers the model the run holds."""
     run_dir = tmp_path / "runs" / "unit"
     (run_dir / "time_budget.csv").mkdir(parents=True)
-    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "1", "--register-model", "unit-model")
+    register = ["--register-model", "unit-model"]
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "1", *register * registered_first)
     with pytest.raises(JobError, match="cannot write the time budget"), Trainer(cfg, d, manifest) as t:
         t.train()
     (run_dir / "time_budget.csv").rmdir()
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "1", *register)
     with Trainer(cfg, d, manifest) as t:
         assert t.tracker.continued and t.train() == 0
     assert "(an earlier attempt uploaded it); not logged again" in capsys.readouterr().out
