@@ -306,3 +306,29 @@ def test_a_signal_before_training_ends_the_process_at_once_with_its_status(synth
                                                f"started: {then}"]
     assert (p.returncode, err.splitlines()) == (-sig, lines)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_ctrl_c_the_caller_ignores_stays_ignored_while_the_trainer_starts(synthetic_data, tmp_path):
+    """`nohup` or `&` start a process with SIGINT ignored: the start-up handler must keep it so (a Ctrl-C meant for
+    the shell must not end a background job), also around the wait for the peers."""
+    import os
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    p = subprocess.Popen([sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, *RECIPE, "--no-mlflow",
+                          "--out-dir", tmp_path / "runs"], cwd=tmp_path, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        time.sleep(0.2)
+        p.send_signal(signal.SIGINT)  # in the imports
+        while not p.stdout.readline().startswith("config:"):  # it went on, to the wait for its peer
+            assert p.poll() is None, p.stderr.read()
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)  # in the wait
+        time.sleep(1)
+        assert p.poll() is None
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert (p.returncode, err) == (-signal.SIGTERM, "")
