@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -96,3 +97,11 @@ def mlflow_env(tmp_path, mlflow_template) -> dict:
     """A sqlite MLflow store of this test's own (a copy of the empty template)."""
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "tests"}
+
+
+@pytest.fixture
+def keep_sigterm():
+    """data_prep's main() installs its own SIGTERM handler: give pytest's back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)

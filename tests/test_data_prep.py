@@ -113,18 +113,22 @@ def test_the_official_names_with_only_ten_classes_used(tmp_path):
     assert m["fields"]["fine_label"] == "IntField 0..99" and not m["official"]
 
 
-def test_prep_is_idempotent_and_force_rewrites(tmp_path):
+def test_prep_is_idempotent_and_force_rewrites(tmp_path, capsys, keep_sigterm):
+    from data_prep.__main__ import main as prep_main  # in this process: four preps, one import of FFCV
+
+    def prep_in_process(*extra):
+        assert prep_main(["--source", "synthetic", "--out", str(out), "--synthetic-train", "200",
+                          "--synthetic-test", "100", "--synthetic-difficulty", "easy", *extra]) == 0
+        return capsys.readouterr().out
     out = tmp_path / "d"
-    prep_synthetic(out, 200, 100)
+    prep_in_process()
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = prep_synthetic(out, 200, 100)
-    assert "nothing to do" in again.stdout
+    assert "nothing to do" in prep_in_process()
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # a different request is not "up to date"
-    changed = prep_synthetic(out, 200, 100, seed=5)
-    assert "nothing to do" not in changed.stdout and json.loads((out / MANIFEST).read_text())["request"]["seed"] == 5
-    forced = prep_synthetic(out, 200, 100, seed=5, extra=["--force"])
-    assert "nothing to do" not in forced.stdout
+    assert "nothing to do" not in prep_in_process("--synthetic-seed", "5")
+    assert json.loads((out / MANIFEST).read_text())["request"]["seed"] == 5
+    assert "nothing to do" not in prep_in_process("--synthetic-seed", "5", "--force")
 
 
 def test_local_archive_needs_official_md5_or_allow_custom(tmp_path):

@@ -3,7 +3,6 @@ level being the original generator bit for bit, and the hard level much harder t
 """
 import dataclasses
 import json
-import signal
 import tarfile
 
 import numpy as np
@@ -146,14 +145,6 @@ def test_hard_is_much_harder_than_easy_for_a_raw_pixel_classifier():
     hard, hard_super = nearest_class_mean(HARD)
     assert easy > 0.9 and hard < 0.35 and easy > medium > hard
     assert hard_super > 2 * hard  # the superclasses share structure: mistakes stay in the superclass
-
-
-@pytest.fixture
-def keep_sigterm():
-    """data_prep's main() installs its own SIGTERM handler: give pytest's back."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
 
 
 def test_the_manifest_request_records_the_difficulty_and_another_one_is_prepared_anew(tmp_path, capsys,
