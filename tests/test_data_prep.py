@@ -25,6 +25,13 @@ def prep(*args, **kw):
     return run([sys.executable, "-m", "data_prep", *args], **kw)
 
 
+def prep_here(*args):
+    """A prep that succeeds, in this process (FFCV is imported once for all of them; keep_sigterm restores
+    pytest's SIGTERM handler, which data_prep's main() replaces)."""
+    from data_prep.__main__ import main as prep_main
+    assert prep_main([str(a) for a in args]) == 0
+
+
 def custom_archive(path, splits: dict, fine_names, coarse_names, seed=0):
     """An official-format archive: splits maps train/test to (fine labels, coarse labels); images are random."""
     rng = np.random.default_rng(seed)
@@ -73,7 +80,7 @@ def test_synthetic_is_in_the_official_pickle_layout(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.tar.gz"]  # written through a temporary name, renamed when complete
 
 
-def test_a_custom_set_with_fewer_classes_prepares(tmp_path):
+def test_a_custom_set_with_fewer_classes_prepares(tmp_path, keep_sigterm):
     # 10 fine classes in 3 superclasses; fine class 9 appears in neither split.
     fine_to_coarse = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
     train = [i % 9 for i in range(60)]
@@ -82,7 +89,7 @@ def test_a_custom_set_with_fewer_classes_prepares(tmp_path):
                                                       "test": (test, [fine_to_coarse[f] for f in test])},
                             [f"f{i}" for i in range(10)], ["a", "b", "c"])
     out = tmp_path / "out"
-    prep("--source", archive, "--out", out, "--allow-custom", check=True)
+    prep_here("--source", archive, "--out", out, "--allow-custom")
     m = verify(out, full=True)
     assert (m["num_classes"], m["num_superclasses"]) == (10, 3)
     assert m["fine_to_coarse"] == [*fine_to_coarse[:9], -1]
@@ -94,7 +101,7 @@ def test_a_custom_set_with_fewer_classes_prepares(tmp_path):
     assert fine.tolist() == test and coarse.tolist() == [fine_to_coarse[f] for f in test]
 
 
-def test_the_official_names_with_only_ten_classes_used(tmp_path):
+def test_the_official_names_with_only_ten_classes_used(tmp_path, keep_sigterm):
     train = list(range(10)) * 5
     test = [0, 3, 7]
     splits = {name: (f, [cifar.FINE_TO_COARSE[i] for i in f]) for name, f in (("train", train), ("test", test))}
@@ -102,7 +109,7 @@ def test_the_official_names_with_only_ten_classes_used(tmp_path):
     with tarfile.open(custom_archive(tmp_path / "a.tar.gz", splits, cifar.FINE_NAMES, cifar.COARSE_NAMES)) as tar:
         tar.extractall(extracted, filter="data")
     out = tmp_path / "out"
-    prep("--source", extracted, "--out", out, "--allow-custom", check=True)
+    prep_here("--source", extracted, "--out", out, "--allow-custom")
     m = verify(out)
     assert (m["num_classes"], m["num_superclasses"]) == (100, 20) and len(m["fine_to_coarse"]) == 100
     assert m["fine_to_coarse"] == cifar.FINE_TO_COARSE[:10] + [-1] * 90
@@ -114,11 +121,9 @@ def test_the_official_names_with_only_ten_classes_used(tmp_path):
 
 
 def test_prep_is_idempotent_and_force_rewrites(tmp_path, capsys, keep_sigterm):
-    from data_prep.__main__ import main as prep_main  # in this process: four preps, one import of FFCV
-
     def prep_in_process(*extra):
-        assert prep_main(["--source", "synthetic", "--out", str(out), "--synthetic-train", "200",
-                          "--synthetic-test", "100", "--synthetic-difficulty", "easy", *extra]) == 0
+        prep_here("--source", "synthetic", "--out", out, "--synthetic-train", 200, "--synthetic-test", 100,
+                  "--synthetic-difficulty", "easy", *extra)
         return capsys.readouterr().out
     out = tmp_path / "d"
     prep_in_process()
@@ -131,7 +136,7 @@ def test_prep_is_idempotent_and_force_rewrites(tmp_path, capsys, keep_sigterm):
     assert "nothing to do" not in prep_in_process("--synthetic-seed", "5", "--force")
 
 
-def test_local_archive_needs_official_md5_or_allow_custom(tmp_path):
+def test_local_archive_needs_official_md5_or_allow_custom(tmp_path, keep_sigterm):
     archive = cifar.synthetic_archive(tmp_path / "cifar-100-python.tar.gz", 100, 50, seed=2)
     out = tmp_path / "out"
     p = prep("--source", archive, "--out", out)
@@ -147,7 +152,7 @@ def test_local_archive_needs_official_md5_or_allow_custom(tmp_path):
                                         r"train is [0-9a-f]{32}, not 16019d7e3df5f24257cddd939b257f8d\); 100 train / "
                                         r"50 test images in 100 fine / 20 coarse classes: pass --allow-custom"):
         cifar.read_directory(tmp_path / "extracted", allow_custom=False)
-    p = prep("--source", tmp_path / "extracted", "--out", out, "--allow-custom", check=True)
+    prep_here("--source", tmp_path / "extracted", "--out", out, "--allow-custom")
     m = verify(out)
     assert m["splits"]["train"]["count"] == 100 and m["source_checksum"].startswith("sha256:")
     assert m["request"]["allow_custom"] is True
