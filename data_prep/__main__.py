@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ddp_train.config import DefaultsHelp
 from ddp_train.errors import ConfigError, JobError, exit_now, report
 
 from . import cifar
@@ -26,13 +27,8 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see python -m data_prep --help")
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a default of None is described in the help itself
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
-    p = _Parser(prog="python -m data_prep", description=__doc__, formatter_class=_Help)
+    p = _Parser(prog="python -m data_prep", description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--source", default="download",
                    help=f"'download' (official archive, MD5-checked), 'synthetic', or a path to {ARCHIVE_NAME} "
                         "or its extracted directory")

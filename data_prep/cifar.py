@@ -101,15 +101,15 @@ def _labels(values, what: str) -> np.ndarray:
 
 def _names(values, what: str) -> list:
     """Class names as the official meta has them (bytes, UTF-8), or as str (a set pickled by Python 3)."""
-    names = list(values)
-    for n in names:
+    names = []
+    for n in values:
         if not isinstance(n, (bytes, str)):
             raise DataError(f"{what}: the class names must be strings, got {type(n).__name__} {n!r}")
         try:
-            n.decode() if isinstance(n, bytes) else n.encode()
+            names.append(n.decode() if isinstance(n, bytes) else n.encode().decode())  # a str must encode too
         except (UnicodeDecodeError, UnicodeEncodeError):
             raise DataError(f"{what}: the class name {n!r} is not valid UTF-8; fix the set's meta file") from None
-    return [n.decode() if isinstance(n, bytes) else n for n in names]
+    return names
 
 
 def read_members(get, origin: str, checksum: str, official: bool) -> Cifar100:

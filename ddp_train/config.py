@@ -206,6 +206,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
+class DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except None and False (a help describes those itself): for the
+    launchers' and data prep's parsers (the trainer's is generated from Config)."""
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m ddp_train", description="Train on CIFAR-100 with DDP (run under torchrun).",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)

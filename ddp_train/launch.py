@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import OneLineParser
+from .config import ConfigError, OneLineParser, load_file
 
 
 def positive(text: str) -> int:
@@ -75,7 +75,6 @@ def main(argv=None) -> int:
     if given == "":
         p.error("the trainer's --data-dir needs a directory")
     if given is None and (path := trainer_flag(extra, "--config")):  # a config file may name it
-        from .config import ConfigError, load_file
         try:
             given = load_file(Path(path)).get("data_dir")
         except ConfigError:

@@ -19,7 +19,6 @@ import yaml
 from . import config as config_lib
 from . import dist
 from .budget import Budget
-from .config import preflight
 from .errors import EXIT_REQUEUE, JobError, report, started  # noqa: F401  (EXIT_REQUEUE: slurm/submit.py reads it here)
 from .rundir import RunFinished
 from .stop import StopAgreement
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
         with StopAgreement() as early:
             try:
                 with budget.phase("checks"):
-                    manifest = preflight(cfg, d.world_size, d.device.type == "cuda")
+                    manifest = config_lib.preflight(cfg, d.world_size, d.device.type == "cuda")
             except JobError as e:
                 return ending(e, d)
         if early.requested:

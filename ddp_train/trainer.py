@@ -145,11 +145,10 @@ class Trainer:
             cfg.system_metrics_interval, label_node=local_world < d.world_size, log=print)
         self._exit.callback(self.sysmetrics.stop)
         self.step_logger = tracking.StepLogger(self.tracker, cfg.log_every_steps)
-        amp = self._amp_name()
         self.log(f"run {self.run_name}: {d.world_size} × {self.device.type} "
                  f"({'nccl' if self.device.type == 'cuda' else 'gloo'}), {cfg.batch_size // d.world_size} images per "
-                 f"rank per step, {self.steps} steps per epoch, amp {amp}, {self.loader_kind} loader, data "
-                 f"{self.manifest['source']}")
+                 f"rank per step, {self.steps} steps per epoch, amp {self._amp_name()}, {self.loader_kind} loader, "
+                 f"data {self.manifest['source']}")
 
     def _claim(self, manifest_sha: str):
         """Rank 0: the run's name and the checkpoint to continue from (None: a fresh start)."""

@@ -59,14 +59,9 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.trainer_args))
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a default of None is described in the help itself
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
-    from ddp_train.config import OneLineParser
-    p = OneLineParser(prog="python -m slurm.submit", description=__doc__, formatter_class=_Help)
+    from ddp_train.config import DefaultsHelp, OneLineParser
+    p = OneLineParser(prog="python -m slurm.submit", description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
     p.add_argument("--nodes", type=int, default=1, help="nodes")
     p.add_argument("--gpus-per-node", type=int, default=None,
@@ -98,13 +93,13 @@ def parse_args(argv=None):
             p.error(message)
     need(args.nodes >= 1, f"--nodes must be at least 1, got {args.nodes}")
     need(not args.local or args.nodes == 1, "--local runs on one node; drop --nodes")
-    local_gpus = args.gpus_per_node is None and args.local  # --local without a GPU must not start 8 CPU workers
+    guessed = args.gpus_per_node is None and args.local  # --local without a GPU must not start 8 CPU workers
     if args.gpus_per_node is None:
         from ddp_train.launch import gpus
         args.gpus_per_node = len(gpus()) if args.local else 8
     need(args.gpus_per_node >= 0, f"--gpus-per-node must be 0 (CPU nodes) or more, got {args.gpus_per_node}")
     if args.tasks_per_node is None:
-        need(args.gpus_per_node >= 1, "--local found no GPU here: pass --tasks-per-node (CPU workers)" if local_gpus
+        need(args.gpus_per_node >= 1, "--local found no GPU here: pass --tasks-per-node (CPU workers)" if guessed
              else "--gpus-per-node 0 needs --tasks-per-node (CPU workers per node)")
         args.tasks_per_node = args.gpus_per_node
     need(args.tasks_per_node >= 1, f"--tasks-per-node must be at least 1, got {args.tasks_per_node}")
