@@ -32,7 +32,8 @@ class Config:
     loader: str = knob("auto", "resident: the splits read once into device memory and batched there; ffcv: FFCV "
                                "loaders; auto: resident on a GPU when the splits fit, else ffcv (the same batches "
                                "either way)", ["auto", "ffcv", "resident"], resumable=True)
-    num_workers: int = knob(4, "FFCV loader threads per process, and torch's CPU thread count with either loader",
+    num_workers: int = knob(4, "FFCV loader threads per process, and torch's CPU thread count with either loader; "
+                               "at most the CPU cores the process may use (default: 4, or those cores if fewer)",
                             resumable=True)
     verify_data: bool = knob(False, "hash every beton against the manifest at start (by default only files whose "
                                     "size or mtime changed since prep are hashed)", resumable=True)
@@ -268,12 +269,19 @@ def load_file(path: Path) -> dict:
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
-def parse(argv=None) -> Config:
-    return parse_args(argv)[0]
+def parse(argv=None, cores: int | None = None) -> Config:
+    return parse_args(argv, cores)[0]
 
 
-def parse_args(argv=None) -> tuple[Config, bool]:
-    """Config from presets, file and flags, and whether --check was given. Bad input exits 2 with one line."""
+def cpu_cores() -> int:
+    """The CPU cores this process may use, as numba counts them (its affinity: a Slurm task's --cpus-per-task, a
+    taskset; or NUMBA_NUM_THREADS): FFCV cannot run more loader threads than that."""
+    return int(os.environ.get("NUMBA_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+
+
+def parse_args(argv=None, cores: int | None = None) -> tuple[Config, bool]:
+    """Config from presets, file and flags, and whether --check was given. Bad input exits 2 with one line.
+    `cores`: the CPU cores of each process that will train (default: this process's, cpu_cores())."""
     ns = vars(build_parser().parse_args(argv))
     check = ns.pop("check", False)
     try:
@@ -292,6 +300,8 @@ def parse_args(argv=None) -> tuple[Config, bool]:
         cfg = Config(**values)
         if "warmup_epochs" not in ns and "warmup_epochs" not in file_values and cfg.warmup_epochs >= cfg.epochs:
             cfg.warmup_epochs = cfg.epochs / 8  # a short run (make train EPOCHS=2) warms up for an eighth of itself
+        if "num_workers" not in ns and "num_workers" not in file_values:  # a 2-core task runs 2 loader threads
+            cfg.num_workers = min(cfg.num_workers, cores or cpu_cores())
         cfg.tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         cfg.experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or "cifar100-ddp"
         cfg.validate()
@@ -300,14 +310,20 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     return cfg, check
 
 
-def preflight(cfg: Config, world_size: int, gpus: bool, full: bool | None = None) -> dict:
+def preflight(cfg: Config, world_size: int, gpus: bool, full: bool | None = None, cores: int | None = None) -> dict:
     """Everything that can be checked before a process group exists: config, data, output directory. → manifest
-    (The submitit launcher runs the same checks before it submits, for the job's world size.)"""
+    (The submitit launcher runs the same checks before it submits, for the job's world size and cores per task.)"""
     from data_prep import files  # here: make train's launcher parses with this module and needs none of it
     from data_prep import manifest as manifest_lib
     cfg.validate(world_size)
     if cfg.sync_bn and not gpus:
         raise ConfigError("--sync-bn needs GPUs (gloo has no SyncBatchNorm); on CPU use --norm gn or drop it")
+    limit = ("--cpus-per-task", cores) if cores else ("NUMBA_NUM_THREADS", cpu_cores()) \
+        if os.environ.get("NUMBA_NUM_THREADS") else ("its CPU affinity", cpu_cores())
+    if cfg.num_workers > limit[1]:
+        raise ConfigError(f"--num-workers {cfg.num_workers} exceeds the {limit[1]} CPU core(s) each training process "
+                          f"may use ({limit[0]}; FFCV runs at most one loader thread per core): pass --num-workers "
+                          f"{limit[1]} or fewer, or give each process more cores")
     if not files.writable(cfg.out_dir):
         raise ConfigError(f"--out-dir {cfg.out_dir} is not a writable directory; choose one this job can write")
     manifest = manifest_lib.verify(cfg.data_dir, full=cfg.verify_data if full is None else full)

@@ -126,9 +126,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Bad trainer flags, data and output directory fail here with the trainer's own checks, not in the queue.
     from ddp_train.config import parse, preflight
-    cfg = parse(args.trainer_args)
+    cores = None if args.local else args.cpus_per_task  # a Slurm task may use its --cpus-per-task
+    cfg = parse(args.trainer_args, cores)
     try:  # the quick data check, size and mtime (the trainer checks again at start)
-        preflight(cfg, args.nodes * args.tasks_per_node, gpus=args.gpus_per_node > 0, full=False)
+        preflight(cfg, args.nodes * args.tasks_per_node, gpus=args.gpus_per_node > 0, full=False, cores=cores)
         make_log_dir(args.log_dir)
     except JobError as e:
         return report(e)

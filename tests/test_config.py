@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ddp_train.config import PRESETS, Config, ConfigError, parse
+from ddp_train.config import PRESETS, Config, ConfigError, parse, preflight
 
 from conftest import error_lines, run
 
@@ -97,6 +97,34 @@ def test_a_warm_up_as_long_as_the_run_is_refused_or_when_not_asked_for_shortened
                             "eighth of the run, like the 40-epoch recipe)")
     Config(epochs=3, warmup_epochs=2.5).validate()
     Config(epochs=3, schedule="constant").validate()  # no warm-up to speak of
+
+
+def test_loader_threads_default_to_the_cores_a_process_may_use(tmp_path):
+    """A Slurm task with --cpus-per-task 2 (or a 2-core machine) ran the default 4 FFCV threads: numba refused
+    them in a ValueError traceback from inside the loader. The default now fits; an explicit excess is one line."""
+    assert parse([], cores=2).num_workers == 2 and parse([], cores=16).num_workers == 4
+    assert parse(["--num-workers", "8"], cores=2).num_workers == 8  # asked for: kept, and refused by preflight
+    (tmp_path / "c.yaml").write_text("num_workers: 6\n")
+    assert parse(["--config", str(tmp_path / "c.yaml")], cores=2).num_workers == 6
+    assert parse(["--preset", "cpu-demo"], cores=16).num_workers == 1
+    with pytest.raises(ConfigError, match=r"^--num-workers 3 exceeds the 2 CPU core\(s\) each training process may "
+                       r"use \(--cpus-per-task; FFCV runs at most one loader thread per core\): pass --num-workers 2 "
+                       "or fewer, or give each process more cores$"):
+        preflight(Config(num_workers=3), 1, gpus=False, cores=2)  # refused before the data is read
+
+
+def test_the_core_count_is_numbas_under_an_affinity_and_the_trainer_fits_it(synthetic_data):
+    """Under taskset (as under a Slurm task's cgroup) cpu_cores() must be the limit numba enforces, and the
+    trainer's checks pass with the default and refuse an excess in one line."""
+    taskset = ["taskset", "-c", "0"]
+    run([*taskset, sys.executable, "-c", "import numba, ddp_train.config as c; "
+         "assert numba.config.NUMBA_NUM_THREADS == c.cpu_cores() == 1, c.cpu_cores()"], check=True)
+    check = [*taskset, sys.executable, "-m", "ddp_train", "--data-dir", synthetic_data, "--check"]
+    assert "config and data ok" in run(check, check=True).stdout
+    p = run([*check, "--num-workers", "2"])
+    assert p.returncode == 2 and error_lines(p.stderr) == [
+        "error: --num-workers 2 exceeds the 1 CPU core(s) each training process may use (its CPU affinity; FFCV runs "
+        "at most one loader thread per core): pass --num-workers 1 or fewer, or give each process more cores"]
 
 
 def test_yaml_numbers_are_read_by_the_fields_type(tmp_path):

@@ -64,6 +64,17 @@ def test_submit_rejects_bad_input_in_one_line_and_submits_nothing(synthetic_data
     assert "submitted" not in p.stdout and sorted(os.listdir(tmp_path)) == before  # no slurm-logs/, no runs/
 
 
+def test_submit_refuses_more_loader_threads_than_a_slurm_task_has_cores(synthetic_data, tmp_path):
+    """Each task gets --cpus-per-task cores on its node, not the login node's: checked before sbatch is reached."""
+    p = subprocess.run([sys.executable, "-m", "slurm.submit", *CPU, "--cpus-per-task", "2", "--", *RECIPE,
+                        "--data-dir", str(synthetic_data), "--num-workers", "4"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert (p.returncode, p.stderr.splitlines()) == (2, [
+        "error: --num-workers 4 exceeds the 2 CPU core(s) each training process may use (--cpus-per-task; FFCV runs "
+        "at most one loader thread per core): pass --num-workers 2 or fewer, or give each process more cores"])
+    assert os.listdir(tmp_path) == []
+
+
 def sbatch_env(**changes) -> dict:
     """The variables sbatch gives the batch script (one node, CPU workers), without the caller's SLURM_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "NPROC_PER_NODE"}
