@@ -132,6 +132,10 @@ class Config:
                 from None
         if any(not 0 < t <= 100 for t in thresholds):
             raise ConfigError(f"--tta-thresholds must lie in (0, 100], got {self.tta_thresholds!r}")
+        if "/" in self.run_name or self.run_name.strip() in (".", "..") or any(c < " " for c in self.run_name):
+            raise ConfigError(f"--run-name {self.run_name!r} must be one directory name under --out-dir (no '/', not "
+                              "'.' or '..', no control characters), e.g. --run-name "
+                              f"{re.sub(r'[^A-Za-z0-9._+-]+', '-', self.run_name).strip('.-') or 'my-run'}")
         if self.sync_bn and self.norm != "bn":
             raise ConfigError("--sync-bn applies to BatchNorm only; drop it or use --norm bn")
         if self.batch_size % world_size:

@@ -53,6 +53,12 @@ def test_tracking_defaults_come_from_the_environment(monkeypatch):
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
     (["--preset", "fast"], "invalid choice: 'fast'"),
+    # a run directory outside --out-dir (/abs, ..) or --out-dir itself (.), or a nested one
+    (["--run-name", "../x"], "--run-name '../x' must be one directory name under --out-dir (no '/', not '.' or '..', "
+                             "no control characters), e.g. --run-name x"),
+    (["--run-name", ".."], "e.g. --run-name my-run"),
+    (["--run-name", "/tmp/r"], "e.g. --run-name tmp-r"),
+    (["--run-name", "a\nb"], "e.g. --run-name a-b"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, fragment):
     p = run([sys.executable, "-m", "ddp_train", *args])
