@@ -114,6 +114,8 @@ class Config:
         for name in ["weight_decay", "warmup_epochs", "translate", "cutout", "log_every_steps"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's seed range; beyond it a traceback from np.random.seed
+            raise ConfigError(f"--seed must be in [0, 4294967295], got {self.seed}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.label_smoothing < 1:

@@ -53,6 +53,8 @@ def test_tracking_defaults_come_from_the_environment(monkeypatch):
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
     (["--preset", "fast"], "invalid choice: 'fast'"),
+    (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),  # was numpy's traceback
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
     # a run directory outside --out-dir (/abs, ..) or --out-dir itself (.), or a nested one
     (["--run-name", "../x"], "--run-name '../x' must be one directory name under --out-dir (no '/', not '.' or '..', "
                              "no control characters), e.g. --run-name x"),
