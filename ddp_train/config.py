@@ -316,6 +316,18 @@ def parse_args(argv=None, cores: int | None = None) -> tuple[Config, bool]:
     return cfg, check
 
 
+def file_store(uri: str) -> str:
+    """The directory of a tracking URI that MLflow would open as its file store ('' for any other store, or when
+    MLFLOW_ALLOW_FILE_STORE lets MLflow open it): a plain path or file:, as MLflow reads URIs."""
+    if not uri or uri in ("databricks", "databricks-uc", "uc") or \
+            os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+        return ""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() not in ("", "file"):
+        return ""
+    return (parts.path if parts.scheme else uri).rstrip("/") or "mlruns"
+
+
 def preflight(cfg: Config, world_size: int, gpus: bool, full: bool | None = None, cores: int | None = None) -> dict:
     """Everything that can be checked before a process group exists: config, data, output directory. → manifest
     (The submitit launcher runs the same checks before it submits, for the job's world size and cores per task.)"""
@@ -332,6 +344,11 @@ def preflight(cfg: Config, world_size: int, gpus: bool, full: bool | None = None
                           f"{limit[1]} or fewer, or give each process more cores")
     if not files.writable(cfg.out_dir):
         raise ConfigError(f"--out-dir {cfg.out_dir} is not a writable directory; choose one this job can write")
+    if cfg.mlflow and (store := file_store(cfg.tracking_uri)):
+        raise ConfigError(f"the MLflow tracking URI {redact(cfg.tracking_uri)} (--tracking-uri or MLFLOW_TRACKING_URI) "
+                          "is a directory: MLflow's file store, which MLflow 3 refuses (maintenance mode); use a "
+                          f"database, e.g. sqlite:///{store}.db (`mlflow migrate-filestore` moves the runs kept "
+                          "there), or set MLFLOW_ALLOW_FILE_STORE=true, or pass --no-mlflow")
     manifest = manifest_lib.verify(cfg.data_dir, full=cfg.verify_data if full is None else full)
     count = manifest["splits"]["train"]["count"]
     per_rank = cfg.batch_size // world_size

@@ -12,6 +12,10 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+class DeletedExperiment(Exception):
+    """The run's experiment exists at the tracking URI but is deleted: MLflow creates no run in it."""
+
+
 @contextmanager
 def _flock(path: Path):
     import fcntl
@@ -91,7 +95,8 @@ class Tracker:
             return fn()
         except Exception as e:  # tracking must never stop training
             reason = _reason(e)
-            if (self.remote or self.unusable) and self.fallback is None and self._fall_back(reason):
+            unusable = self.unusable or isinstance(e, DeletedExperiment)
+            if (self.remote or unusable) and self.fallback is None and self._fall_back(reason, bool(unusable)):
                 if journaled:
                     return None
                 try:
@@ -102,7 +107,7 @@ class Tracker:
             self.log(f"warning: MLflow {what} failed ({reason}); training continues")
             return None
 
-    def _fall_back(self, reason: str) -> bool:
+    def _fall_back(self, reason: str, unusable: bool) -> bool:
         """Move the run to sqlite:///<run dir>/mlflow-fallback.db and replay everything logged so far."""
         self.fallback_dir.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{(self.fallback_dir / 'mlflow-fallback.db').resolve()}"
@@ -124,13 +129,13 @@ class Tracker:
             self.log(f"warning: MLflow fallback store {uri} failed too ({type(e).__name__}); tracking is off")
             self.enabled = False
             return False
-        self.fallback, self.fallen_from = (reason, uri), lost_run
+        self.fallback, self.fallen_from = (reason, uri, unusable), lost_run
         # the fallback run is a new run holding what was replayed: an epoch the server's run held but this attempt
         # had not passed on yet (a resume from an older checkpoint re-runs it) is logged there when it comes
         self.continued = False
         self.logged_epochs = set(self.journal["held"]) | self.journal["epochs"]
-        what = "tracking URI" if self.unusable else "server"
-        self.log(f"warning: MLflow {what} {redact(self.journal.get('server'))} unreachable ({reason}); the run "
+        what = "tracking URI {} unusable" if unusable else "server {} unreachable"
+        self.log(f"warning: MLflow {what.format(redact(self.journal.get('server')))} ({reason}); the run "
                  f"continues in the local store {uri} (run {self.run_id}), with everything logged so far replayed; "
                  f"view it with mlflow ui --backend-store-uri {uri}")
         return True
@@ -140,6 +145,10 @@ class Tracker:
             raise RuntimeError(self.unusable)
         with store_lock(self.uri):  # two jobs creating one experiment in a new store at once
             exp = self.client.get_experiment_by_name(self.experiment)
+            if exp and exp.lifecycle_stage == "deleted":  # MLflow's own error does not say what to do
+                raise DeletedExperiment(f"experiment '{self.experiment}' is deleted there: restore it (mlflow "
+                                        f"experiments restore --experiment-id {exp.experiment_id}) or pass another "
+                                        "--experiment")
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id, self.experiment_id = run.info.run_id, exp_id
@@ -290,8 +299,10 @@ class Tracker:
             self.finished = True
             self._guard("end_run", lambda: self.client.set_terminated(self.run_id, status))
             if self.fallback:
-                self.log(f"MLflow: the tracking server failed during the run ({self.fallback[0]}); the complete run "
-                         f"is {self.run_id} in {self.fallback[1]}")
+                reason, uri, unusable = self.fallback
+                what = "could not be used" if unusable else "failed during the run"
+                self.log(f"MLflow: the tracking URI {redact(self.journal.get('server'))} {what} ({reason}); the "
+                         f"complete run is {self.run_id} in {uri}")
 
 
 def mark_failed(run_id: str, uri: str) -> None:

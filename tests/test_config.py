@@ -61,6 +61,12 @@ def test_tracking_defaults_come_from_the_environment(monkeypatch):
     (["--run-name", ".."], "e.g. --run-name my-run"),
     (["--run-name", "/tmp/r"], "e.g. --run-name tmp-r"),
     (["--run-name", "a\nb"], "e.g. --run-name a-b"),
+    # MLflow 3 refuses its file store: the run fell back to a store in the run directory, "unreachable"
+    (["--tracking-uri", "file:///tmp/m/"], "error: the MLflow tracking URI file:///tmp/m/ (--tracking-uri or "
+     "MLFLOW_TRACKING_URI) is a directory: MLflow's file store, which MLflow 3 refuses (maintenance mode); use a "
+     "database, e.g. sqlite:////tmp/m.db (`mlflow migrate-filestore` moves the runs kept there), or set "
+     "MLFLOW_ALLOW_FILE_STORE=true, or pass --no-mlflow"),
+    (["--tracking-uri", "./mlruns"], "e.g. sqlite:///./mlruns.db ("),
 ])
 def test_bad_flags_exit_2_with_one_line(args, fragment):
     p = run([sys.executable, "-m", "ddp_train", *args])
@@ -133,6 +139,17 @@ def test_the_core_count_is_numbas_under_an_affinity_and_the_trainer_fits_it(synt
     assert p.returncode == 2 and error_lines(p.stderr) == [
         "error: --num-workers 2 exceeds the 1 CPU core(s) each training process may use (its CPU affinity; FFCV runs "
         "at most one loader thread per core): pass --num-workers 1 or fewer, or give each process more cores"]
+
+
+def test_file_stores_are_the_uris_mlflow_opens_as_directories(monkeypatch):
+    from ddp_train.config import file_store
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    stores = {"/a/b/": "/a/b", "file:///a/b": "/a/b", "FILE:/a": "/a", "mlruns": "mlruns", "./x y": "./x y"}
+    others = ["", "sqlite:///m.db", "http://h:5000", "HTTPS://h", "databricks", "databricks://profile", "uc",
+              "postgresql://u@h/db", "foo://bar"]
+    assert {u: file_store(u) for u in [*stores, *others]} == {**stores, **dict.fromkeys(others, "")}
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "True")  # MLflow then opens it: so does the trainer
+    assert file_store("/a/b") == ""
 
 
 def test_yaml_numbers_are_read_by_the_fields_type(tmp_path):

@@ -1,6 +1,7 @@
 """The fault catalogue: each fault injected into real processes (torchrun, gloo, FFCV, MLflow), each ending with a
 clear status, one line, and nothing lost. README's fault table points here."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,10 +229,15 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(synthetic_d
 
 
 def test_an_unusable_tracking_uri_never_stops_training(synthetic_data, tmp_path):
-    p = single(synthetic_data, "--epochs", "1", "--run-name", "u", "--tracking-uri", "not a uri", cwd=tmp_path,
+    """A scheme MLflow has no store for (it may be a plugin's: not refused before the start) is named unusable, at
+    the start and at the end, not "unreachable" or "the server failed" as it was."""
+    p = single(synthetic_data, "--epochs", "1", "--run-name", "u", "--tracking-uri", "foo://bar", cwd=tmp_path,
                check=True)
     fallback = tmp_path / "runs" / "u" / "mlflow-fallback.db"
-    assert "warning: MLflow tracking URI not a uri unreachable" in p.stdout and str(fallback) in p.stdout
+    assert "warning: MLflow tracking URI foo://bar unusable (RuntimeError: UnsupportedModelRegistryStoreURIException" \
+        in p.stdout and str(fallback) in p.stdout
+    assert re.search(r"^MLflow: the tracking URI foo://bar could not be used \(.*\); the complete run is \w+ in "
+                     rf"sqlite:///{re.escape(str(fallback))}$", p.stdout, re.M), p.stdout
     _, [r] = mlflow_runs({"MLFLOW_TRACKING_URI": f"sqlite:///{fallback}"}, "cifar100-ddp")
     assert r.info.status == "FINISHED"
 

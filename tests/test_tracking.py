@@ -267,6 +267,33 @@ def test_a_server_uri_in_capitals_is_a_server_that_fails_over(tmp_path, monkeypa
     t.finish("FINISHED")
 
 
+def test_a_deleted_experiment_moves_the_run_to_the_fallback_store_with_the_way_back(tmp_path):
+    """An experiment deleted in the UI and named again: MLflow refused the run and the job trained untracked, with
+    MLflow's own message. Now the run goes to the fallback store, and the warning says how to restore the
+    experiment."""
+    from mlflow import MlflowClient
+
+    from ddp_train.tracking import Tracker
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    gone = c.create_experiment("gone")
+    c.delete_experiment(gone)
+    said = []
+    t = Tracker(True, uri, "gone", fallback_dir=tmp_path, log=said.append)
+    t.start("r", {"lr": 0.1}, {})
+    t.log_epoch({"test_top1": 1.0}, 0)
+    t.finish("FINISHED")
+    fallback = f"sqlite:///{tmp_path}/mlflow-fallback.db"
+    assert t.errors == 0 and t.fallback[1] == fallback
+    assert said[0].startswith(f"warning: MLflow tracking URI {uri} unusable (DeletedExperiment: experiment 'gone' is "
+                              f"deleted there: restore it (mlflow experiments restore --experiment-id {gone}) or pass "
+                              f"another --experiment); the run continues in the local store {fallback}"), said
+    assert said[-1].startswith(f"MLflow: the tracking URI {uri} could not be used (DeletedExperiment:"), said
+    run = MlflowClient(fallback).get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"test_top1": 1.0} and run.data.params == {"lr": "0.1"}
+    assert c.search_runs([gone], run_view_type=3) == []  # nothing in the deleted experiment
+
+
 def test_a_continued_run_that_fails_over_takes_its_earlier_epochs_and_datasets_along(synthetic_data, tmp_path):
     """A resumed job continues the server's run without logging its earlier epochs again; when the server then
     died, the fallback run got only the epochs after the resume, and no dataset inputs. Here the job resumes from
