@@ -54,7 +54,9 @@ def save_atomic(obj, path: Path) -> None:
 def save(state: dict, path: Path, keep: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic({"version": VERSION, **state}, path)
-    for old in list_checkpoints(path.parent)[keep:]:
+    # the one just written stays whatever its place: newer ones this run passed over (another world size's
+    # mid-epoch stop, an unreadable file) would otherwise push it out at once
+    for old in [p for p in list_checkpoints(path.parent) if p != path][keep - 1:]:
         old.unlink(missing_ok=True)
 
 
@@ -117,13 +119,13 @@ class Checkpointer:
         self._writer = None  # rank 0's background writer, and the write in flight: (path, future)
         self._pending = None
 
-    def find(self, log=print):
+    def find(self, log=print, own_restart: bool = False):
         """Rank 0: (path, state) of the checkpoint to continue from, or (None, None) for a fresh start; RunConflict
         when the directory holds checkpoints this run cannot continue (another config or dataset, or --resume
-        never)."""
+        never). `own_restart`: this is a restart of the job that created the run (--resume never resumes it)."""
         if not list_checkpoints(self.dir):
             return None, None
-        if self.cfg.resume == "never":
+        if self.cfg.resume == "never" and not own_restart:
             raise RunConflict(f"{self.dir} already holds checkpoints and --resume never would overwrite them; choose "
                               "a new --run-name, or --resume auto to continue the run")
         passed_over = []  # said only when an older checkpoint is used: when none is, the one error line says why

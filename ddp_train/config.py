@@ -83,7 +83,8 @@ class Config:
                            resumable=True)
     keep_ckpts: int = knob(3, "checkpoints kept in <run dir>/checkpoints", resumable=True)
     resume: str = knob("auto", "auto: continue from the newest checkpoint of the run directory that fits this "
-                               "config; never: start afresh (refused where the run directory already holds one)",
+                               "config; never: start afresh (refused where the run directory already holds one; "
+                               "the job's own torchrun restarts and Slurm requeues still resume)",
                        ["auto", "never"], resumable=True)
     # tracking
     system_metrics: bool = knob(True, "log CPU, memory, disk, network and GPU metrics to the run (each node's first "

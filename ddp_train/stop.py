@@ -86,15 +86,16 @@ class StopAgreement:
         self._work = dist.all_reduce(self._buf, group=ddp_dist.control_group(), async_op=True)
         return verdict
 
-    def settle(self) -> bool:
-        """At the end of an epoch: wait for every pending check and agree on it → whether any rank saw a non-finite
-        loss. A signal that arrives now is acted on at the next poll."""
+    def settle(self) -> tuple:
+        """Wait for every pending check and agree on every rank's flags now → (stop, nonfinite). At the end of an
+        epoch (a signal during its last step, or its only one, is not left to a poll that never comes) and before a
+        stop's checkpoint (a loss that went non-finite just before the stop is never saved)."""
         self._collect(wait=True)
         self.drain()
-        bad = torch.tensor([1.0 if self.nonfinite_step is not None else 0.0])
+        flags = torch.tensor([1.0 if self.requested else 0.0, 1.0 if self.nonfinite_step is not None else 0.0])
         if dist.is_initialized():
-            dist.all_reduce(bad, group=ddp_dist.control_group())
-        return bad.item() > 0
+            dist.all_reduce(flags, group=ddp_dist.control_group())
+        return flags[0].item() > 0, flags[1].item() > 0
 
     def drain(self) -> None:
         if self._work is not None:

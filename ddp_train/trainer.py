@@ -157,7 +157,9 @@ class Trainer:
         run = rundir.RunDir(self.cfg.out_dir, name)
         self._exit.callback(run.close)
         self.run = run.open(self.cfg, manifest_sha, ident)
-        path, self._found = Checkpointer(run.path, name, self.cfg, manifest_sha, self.d).find(self.log)
+        # a torchrun restart or Slurm requeue of the job that created the run continues it, also under --resume never
+        own = bool(ident["job"]) and ident["restart"] > 0 and self.run.info.get("job") == ident["job"]
+        path, self._found = Checkpointer(run.path, name, self.cfg, manifest_sha, self.d).find(self.log, own)
         return name, path
 
     def _restore(self, path):
@@ -238,23 +240,29 @@ class Trainer:
             if diverged:
                 self._diverged(epoch)
             if stop:
-                self.stopper.drain()
-                self.step_logger.flush()  # the last step metric logged before the stop, not lost with it
-                seconds = elapsed + time.perf_counter() - t0
-                with self.budget.phase("checkpoints"):
-                    target = self.ckpt.save(epoch, i + 1, self.state_dict, self._rank_state(gen, sums, seconds),
-                                            wait=True)
-                self.log(f"stopped by signal {self.stopper.requested or 'on another rank'} at epoch {epoch}, step "
-                         f"{i + 1}; checkpoint {target}; rerun with --run-name {self.run_name} (a requeued job "
-                         "does) to resume", flush=True)
-                return None
-        if self.stopper.settle():
+                return self._stop(epoch, i + 1, gen, sums, elapsed + time.perf_counter() - t0)
+        stop, diverged = self.stopper.settle()
+        if diverged:
             self._diverged(epoch)
+        if stop:  # asked for during the epoch's last step (or its only one): no poll is left to act on it
+            return self._stop(epoch, self.steps, gen, sums, elapsed + time.perf_counter() - t0)
         self.step_logger.flush()
         loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
         seconds = elapsed + time.perf_counter() - t0
         return {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, "images_per_s": seen / seconds,
                 "train_seconds": seconds}
+
+    def _stop(self, epoch: int, step: int, gen, sums, seconds: float) -> None:
+        """Every rank agreed to stop after `step`: checkpoint there and say so → None. Not when a loss went
+        non-finite in the steps whose checks were still in flight: a resume would start from that state."""
+        if self.stopper.settle()[1]:
+            self._diverged(epoch)
+        self.step_logger.flush()  # the last step metric logged before the stop, not lost with it
+        with self.budget.phase("checkpoints"):
+            target = self.ckpt.save(epoch, step, self.state_dict, self._rank_state(gen, sums, seconds), wait=True)
+        self.log(f"stopped by signal {self.stopper.requested or 'on another rank'} at epoch {epoch}, step {step}; "
+                 f"checkpoint {target}; rerun with --run-name {self.run_name} (a requeued job does) to resume",
+                 flush=True)
 
     def _progress(self, epoch: int, skip: int):
         bar = self.cfg.progress == "bar" or (self.cfg.progress == "auto" and sys.stderr.isatty())

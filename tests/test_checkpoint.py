@@ -20,6 +20,16 @@ def test_keeps_the_last_k_newest_first(tmp_path):
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
 
 
+def test_the_checkpoint_just_written_is_never_pruned(tmp_path):
+    """A 2-rank run stopped mid-epoch 1 at step 10, resumed on 1 rank from epoch 1's start with --keep-ckpts 1
+    (both may change on a resume), stopped again at step 3: the newer step-10 file pushed the new one out at once,
+    and the stop line named a checkpoint that no longer existed."""
+    checkpoint.save(state(1, 0), checkpoint.path_for(tmp_path, 1, 0), keep=3)
+    checkpoint.save(state(1, 10), checkpoint.path_for(tmp_path, 1, 10), keep=3)
+    checkpoint.save(state(1, 3, world_size=1), checkpoint.path_for(tmp_path, 1, 3), keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_e0001_s000003.pt"]
+
+
 def test_epochs_past_9999_and_steps_past_999999_are_still_checkpoints(tmp_path):
     """Their names widen (ckpt_e10000_…): they were never found to resume from, nor pruned."""
     for e, s in [(9999, 0), (10000, 0), (10000, 1_000_000)]:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import FAST, TORCHRUN, error_lines, prep_synthetic, run, tmpfs
+from conftest import FAST, N_TRAIN, ROOT, TORCHRUN, error_lines, prep_synthetic, run, tmpfs
 
 
 def single(data_dir, *extra, cwd, env=None, **kw):
@@ -92,6 +92,39 @@ def test_non_finite_loss_stops_every_rank_with_one_line_and_saves_nothing(synthe
     assert not (tmp_path / "runs" / "nan" / "checkpoints").exists()
     c, [r] = mlflow_runs(mlflow_env)
     assert r.info.status == "FAILED" and not c.search_logged_models([r.info.experiment_id])
+
+
+def faulty(data_dir, *extra):
+    """2 ranks of the trainer with tests/helpers/signal_at_step.py's faults (set STOP_AT / POISON_AT), under the
+    torchrun that exits with the trainer's status."""
+    return [sys.executable, "-m", "ddp_train.torchrun", "--standalone", "--nproc_per_node=2", ROOT / "tests/helpers/signal_at_step.py", "--data-dir",
+            data_dir, *FAST, "--no-mlflow", *extra]
+
+
+def test_a_stop_just_before_the_loss_turns_nan_saves_nothing_of_it(synthetic_data, tmp_path):
+    """Ranks agree on a stop one step late (the flags of step n are read at step n+1): the time-limit signal after
+    step 2, the loss non-finite at step 3, and the stop checkpointed step 3's NaN weights — the newest checkpoint,
+    from which every resume failed at once."""
+    p = run(faulty(synthetic_data, "--epochs", "2", "--run-name", "n"), cwd=tmp_path,
+            env={"STOP_AT": "2", "POISON_AT": "3"})
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    [line] = [x for x in p.stdout.splitlines() + p.stderr.splitlines() if x.startswith("error:")]
+    assert "the training loss is not finite (at epoch 0, step 3 on rank" in line and "no checkpoint was saved" in line
+    assert "stopped by signal" not in p.stdout and not (tmp_path / "runs" / "n" / "checkpoints").exists()
+
+
+def test_a_signal_in_an_epoch_of_one_step_stops_the_run_there(synthetic_data, tmp_path):
+    """With one step per epoch (the whole set in one batch) and 2 ranks, the stop flags were read only by a poll
+    in the next step of the same epoch, which never came: SIGUSR2/SIGTERM went unheeded until the job was killed.
+    Now the epoch's end agrees on them: checkpoint at the step, exit 3, and the rerun resumes from it."""
+    args = ["--epochs", "3", "--batch-size", str(N_TRAIN), "--run-name", "one"]
+    p = run(faulty(synthetic_data, *args), cwd=tmp_path, env={"STOP_AT": "2"})  # epoch 1's only step
+    ckpt = tmp_path / "runs" / "one" / "checkpoints" / "ckpt_e0001_s000001.pt"
+    assert p.returncode == 3 and ckpt.is_file(), p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"stopped by signal 12 at epoch 1, step 1; checkpoint {ckpt.relative_to(tmp_path)}" in p.stdout
+    again = run(ddp(2, synthetic_data, "--no-mlflow", *args), cwd=tmp_path, check=True)
+    assert f"resuming from {ckpt.relative_to(tmp_path)}: epoch 1, step 1 of 1" in again.stdout
+    assert [x[:7] for x in again.stdout.splitlines() if x.startswith("epoch ")] == ["epoch 1", "epoch 2"]
 
 
 def test_a_loss_that_diverges_after_a_checkpoint_names_it_though_it_was_written_in_the_background(synthetic_data,
@@ -322,12 +355,13 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     """torchrun --max-restarts=3, no Slurm, default run name: a worker SIGKILLed at three points — mid-epoch 1, right
     after epoch 1's line (while its checkpoint is written), and as the restarted group resumes (before its first
     step); each time the group restarts, finds its own run (TORCHELASTIC_RUN_ID), resumes from the last checkpoint
-    into the same MLflow run, logs each epoch once and ends with the uninterrupted run's metrics."""
+    into the same MLflow run, logs each epoch once and ends with the uninterrupted run's metrics. Under --resume
+    never too: it refused the job's own restarts (their run directory held checkpoints), spending every restart."""
     epochs = ["--epochs", "3", "--no-system-metrics"]
     plain = run(ddp(2, synthetic_data, *epochs, "--no-mlflow", "--out-dir", tmp_path / "plain"), cwd=tmp_path,
                 check=True)
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=3", "-m", "ddp_train", "--data-dir",
-           synthetic_data, *FAST, *epochs]
+           synthetic_data, *FAST, *epochs, "--resume", "never"]  # never: no other run's checkpoints; its own restarts
     proc = popen(cmd, tmp_path, mlflow_env)
     out = []
     read_until(proc, "epoch 0 |", out)
