@@ -55,11 +55,20 @@ def launcher() -> str:
     return "torchrun" if env.get("TORCHELASTIC_RUN_ID") else "one process"
 
 
+def user() -> str:
+    """Who runs the job: getpass's answer, or the uid where it has none (a container started with --user UID, a
+    Kubernetes runAsUser: no passwd entry and no USER)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
 def tags(world_size: int, device, manifest_sha: str, manifest: dict, run_dir: Path) -> dict:
     import torch
     t = {"mlflow.source.name": "python -m ddp_train",
          "mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL",
-         "mlflow.user": getpass.getuser(),
+         "mlflow.user": user(),
          "mlflow.note.content": note(world_size, run_dir),
          "world_size": str(world_size), "device_type": device.type, "hostname": socket.gethostname(),
          "torch_version": torch.__version__, "python_version": platform.python_version(),

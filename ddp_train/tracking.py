@@ -9,7 +9,8 @@ from .config import redact
 
 
 def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    """One line for a warning: MLflow's API errors name the whole URL, credentials included, so it is redacted."""
+    return f"{type(e).__name__}: {redact(str(e).splitlines()[0])[:200] if str(e) else ''}"
 
 
 class DeletedExperiment(Exception):
@@ -54,6 +55,7 @@ class Tracker:
         self.run_id = None
         self.uri = None
         self.logged_epochs = set()
+        self.steps_held = 0             # a continued run: the last optimizer step it holds step metrics for
         self.finished = False
         self.continued = False          # the run was started by an earlier attempt of this job
         self.experiment_id = None
@@ -179,6 +181,14 @@ class Tracker:
                         self.client.set_tag(resume_run_id, k, v)
                     self.run_id, self.continued = resume_run_id, True
                     self.logged_epochs = {m.step for m in self.client.get_metric_history(self.run_id, "test_top1")}
+                    self.steps_held = max((m.step for m in self.client.get_metric_history(
+                        self.run_id, "step_train_loss")), default=0)
+                    # E. a run stays in its experiment: say which, not the one this attempt names
+                    held = self.client.get_experiment(self.experiment_id).name
+                    if held != self.experiment:
+                        self.log(f"note: run {resume_run_id} is in experiment '{held}', not '{self.experiment}' "
+                                 "as this attempt asks: a continued run stays in its experiment")
+                        self.experiment = held
                     return
                 except Exception as e:
                     if self.remote and not isinstance(e, self.mlflow.exceptions.RestException):
@@ -223,8 +233,9 @@ class Tracker:
             self.logged_epochs.add(epoch)
 
     def log_steps(self, metrics: dict, step: int) -> None:
-        """Per-step metrics, queued to MLflow's asynchronous logger so the training loop never waits on it."""
-        if self.run_id:
+        """Per-step metrics, queued to MLflow's asynchronous logger so the training loop never waits on it. A step
+        the run holds already (an attempt that crashed after it resumes from an earlier checkpoint) is skipped."""
+        if self.run_id and step > self.steps_held:
             self.journal["metrics"].append((dict(metrics), step))
             self._guard("log_metrics", lambda: self._log_batch(metrics, step, synchronous=False), journaled=True)
 
@@ -288,7 +299,7 @@ class Tracker:
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
         if self.remote:
             return f"{redact(self.uri).rstrip('/')}/{page}"
-        uri = self.uri
+        uri = redact(self.uri)  # a database store's URI may carry a password
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
         return f"mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000/{page}"

@@ -250,7 +250,7 @@ class Trainer:
         loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
         seconds = elapsed + time.perf_counter() - t0
         return {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, "images_per_s": seen / seconds,
-                "train_seconds": seconds}
+                "train_seconds": seconds, "attempt_seconds": time.perf_counter() - t0}
 
     def _stop(self, epoch: int, step: int, gen, sums, seconds: float) -> None:
         """Every rank agreed to stop after `step`: checkpoint there and say so → None. Not when a loss went
@@ -300,6 +300,7 @@ class Trainer:
     def end_epoch(self, epoch: int, train: dict, test: dict) -> None:
         """Record, log and print the epoch; checkpoint when due."""
         train_s, eval_s = train.pop("train_seconds"), test.pop("eval_seconds")
+        attempt_s = train.pop("attempt_seconds")  # an epoch resumed mid-way began in an earlier process
         self.per_superclass = test.pop("per_superclass")
         test.pop("test_count")  # the same every epoch: logged once, as the param test_images
         metrics = {"train_loss": train["train_loss"], "train_top1": train["train_top1"], **test,
@@ -312,7 +313,7 @@ class Trainer:
                 metrics[key] = trained
         self.history.append(metrics)
         self.doing = "checkpointing"
-        self.budget.epoch(train_s, eval_s)
+        self.budget.epoch(attempt_s, eval_s)  # this process's wall-clock: not the earlier attempt's seconds
         self.tracker.log_epoch(metrics, epoch)  # before the line, so a printed epoch is already tracked
         self.log(format_epoch(epoch, metrics), flush=True)
         if self.ckpt.due(epoch + 1):

@@ -97,8 +97,8 @@ def test_non_finite_loss_stops_every_rank_with_one_line_and_saves_nothing(synthe
 def faulty(data_dir, *extra):
     """2 ranks of the trainer with tests/helpers/signal_at_step.py's faults (set STOP_AT / POISON_AT), under the
     torchrun that exits with the trainer's status."""
-    return [sys.executable, "-m", "ddp_train.torchrun", "--standalone", "--nproc_per_node=2", ROOT / "tests/helpers/signal_at_step.py", "--data-dir",
-            data_dir, *FAST, "--no-mlflow", *extra]
+    return [sys.executable, "-m", "ddp_train.torchrun", "--standalone", "--nproc_per_node=2",
+            ROOT / "tests/helpers/signal_at_step.py", "--data-dir", data_dir, *FAST, "--no-mlflow", *extra]
 
 
 def test_a_stop_just_before_the_loss_turns_nan_saves_nothing_of_it(synthetic_data, tmp_path):

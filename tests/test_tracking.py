@@ -122,9 +122,11 @@ def test_credentials_in_the_tracking_uri_are_stored_and_shown_nowhere(served_run
 
 
 def test_unreachable_server_at_start_falls_back_locally_and_training_finishes(synthetic_data, tmp_path):
+    """Also: MLflow's error names the whole URL, and the warnings printed its credentials with it."""
     t0 = time.monotonic()
-    p = run(train_cmd(synthetic_data, f"http://127.0.0.1:{free_port()}"), cwd=tmp_path, check=True)
+    p = run(train_cmd(synthetic_data, f"http://alice:{SECRET}@127.0.0.1:{free_port()}"), cwd=tmp_path, check=True)
     assert time.monotonic() - t0 < 300
+    assert SECRET not in p.stdout + p.stderr and "http://***@127.0.0.1" in p.stdout
     fallback = tmp_path / "runs" / "r" / "mlflow-fallback.db"
     assert "unreachable" in p.stdout and str(fallback) in p.stdout and "the complete run is" in p.stdout
     c, [r] = runs_in(f"sqlite:///{fallback}")
@@ -265,6 +267,57 @@ def test_a_server_uri_in_capitals_is_a_server_that_fails_over(tmp_path, monkeypa
     t.start("r", {"lr": 0.1}, {})  # nothing listens there
     assert t.fallback and t.fallback[1] == f"sqlite:///{tmp_path}/mlflow-fallback.db" and t.run_id
     t.finish("FINISHED")
+
+
+def test_the_tags_of_a_user_without_a_passwd_entry(tmp_path):
+    """docker run --user UID, a Kubernetes runAsUser: no passwd entry and no USER. getpass.getuser() raised and
+    every run failed as it started, --no-mlflow too (the tags are built on every rank)."""
+    import pwd
+
+    import torch
+
+    from ddp_train import run_info
+    uid = next(u for u in range(54321, 60000) if not any(p.pw_uid == u for p in pwd.getpwall()))
+    read, write = os.pipe()
+    pid = os.fork()  # the child becomes that user (this interpreter: the venv's python may not be its to run)
+    if pid == 0:
+        try:
+            for var in ("USER", "LOGNAME", "LNAME", "USERNAME"):
+                os.environ.pop(var, None)
+            os.setgid(uid)
+            os.setuid(uid)
+            said = run_info.tags(1, torch.device("cpu"), "sha", {"source": "synthetic"}, tmp_path)["mlflow.user"]
+        except BaseException as e:
+            said = f"{type(e).__name__}: {e}"
+        os.write(write, said.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1000).decode() == f"uid {uid}"
+
+
+def test_a_continued_run_says_the_experiment_it_is_in_and_holds_each_step_metric_once(tmp_path):
+    """A resume with another --experiment printed 'run … in experiment <asked>' for a run that stays where it is;
+    an attempt that crashed mid-epoch and resumed from the epoch's start logged its step metrics a second time."""
+    from mlflow import MlflowClient
+
+    from ddp_train.tracking import Tracker
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = Tracker(True, uri, "a", fallback_dir=tmp_path, log=lambda *a, **k: None)
+    first.start("r", {"lr": 0.1}, {})
+    for step in (5, 10, 15):  # then the process dies (no finish): the resume starts again at step 10
+        first.log_steps({"step_train_loss": 1.0 / step}, step)
+    __import__("mlflow").flush_async_logging()
+    said = []
+    again = Tracker(True, uri, "b", fallback_dir=tmp_path, log=said.append)
+    again.start("r", {"lr": 0.1}, {}, resume_run_id=first.run_id)
+    for step in (15, 20):
+        again.log_steps({"step_train_loss": 1.0 / step}, step)
+    again.finish("FINISHED")
+    assert said == [f"note: run {first.run_id} is in experiment 'a', not 'b' as this attempt asks: a continued run "
+                    "stays in its experiment", f"MLflow: run {first.run_id} in experiment 'a' at {uri} (continued)"]
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(first.run_id, "step_train_loss")]
+    assert sorted(steps) == [5, 10, 15, 20]
 
 
 def test_a_deleted_experiment_moves_the_run_to_the_fallback_store_with_the_way_back(tmp_path):

@@ -229,9 +229,17 @@ def test_a_signalled_run_checkpoints_resumes_and_ends_like_an_uninterrupted_one(
     proc.wait(timeout=300)
     first = "".join(first)
     assert proc.returncode != 0 and "stopped by signal 12 at epoch 2" in first, first
-    assert list((tmp_path / "runs" / "r" / "checkpoints").glob("ckpt_e0002_s*.pt"))
+    stop_ckpt = max((tmp_path / "runs" / "r" / "checkpoints").glob("ckpt_e0002_s*.pt"))
+    assert not stop_ckpt.name.endswith("_s000000.pt")
+    before = torch.load(stop_ckpt, weights_only=False)["ranks"][0]["seconds"]  # of epoch 2, in the first attempt
     second = run(cmd, cwd=tmp_path, env=mlflow_env, check=True).stdout
     assert "resuming from" in second and "(continued)" in second
+    # the resumed attempt's time budget counts its own seconds; epoch 2's printed time includes the first attempt's
+    printed = sum(float(x.rsplit("| ", 1)[1][:-2]) for x in second.splitlines() if x.startswith("epoch "))
+    budget = {row.split(",")[0]: float(row.split(",")[1])
+              for row in (tmp_path / "runs" / "r" / "time_budget.csv").read_text().splitlines()[1:]}
+    spent = budget["training"] + budget["warmup"] + budget["evaluation"]
+    assert before > 0.3 and abs(printed - spent - before) < 0.2, (printed, spent, before)
     assert EPOCH_LINE.findall(first + second) == EPOCH_LINE.findall(uninterrupted.stdout)
     assert same_weights(tmp_path / "runs" / "r" / "model.pt", trained_work / "runs" / "e2e" / "model.pt")
     c = client(mlflow_env)
