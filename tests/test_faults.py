@@ -361,7 +361,8 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     plain = run(ddp(2, synthetic_data, *epochs, "--no-mlflow", "--out-dir", tmp_path / "plain"), cwd=tmp_path,
                 check=True)
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=3", "-m", "ddp_train", "--data-dir",
-           synthetic_data, *FAST, *epochs, "--resume", "never"]  # never: no other run's checkpoints; its own restarts
+           synthetic_data, *FAST, *epochs, "--resume", "never", "--log-every-steps", "5"]  # never: no other run's
+    # checkpoints, but its own restarts
     proc = popen(cmd, tmp_path, mlflow_env)
     out = []
     read_until(proc, "epoch 0 |", out)
@@ -383,6 +384,8 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     c, [r] = mlflow_runs(mlflow_env, "tests")
     assert r.info.status == "FINISHED"
     assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "test_top1")) == [0, 1, 2]
+    # each step metric once: a restart from an epoch's start used to log that epoch's steps again
+    assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "step_train_loss")) == list(range(5, 61, 5))
 
 
 def test_a_second_signal_soon_after_the_stop_still_ends_with_status_3(synthetic_data, tmp_path):
