@@ -51,7 +51,7 @@ def job_identity() -> dict:
     return {"job": job, "restart": restart, "host": socket.gethostname(), "pid": os.getpid()}
 
 
-def default_base(cfg: Config, world_size: int) -> str:
+def default_base(cfg: Config, world_size: int | str) -> str:
     width = f"-w{cfg.width}" if cfg.model == "resnet18" else ""
     return f"{cfg.model}{width}-b{cfg.batch_size}-lr{cfg.lr:g}-ws{world_size}"
 
@@ -72,8 +72,8 @@ def choose_name(cfg: Config, world_size: int, ident: dict, log=print) -> str:
     if cfg.run_name:
         return cfg.run_name
     out, base = Path(cfg.out_dir), default_base(cfg, world_size)
-    if ident["job"] and ident["restart"]:
-        mine = [p for p in out.glob(f"{base}*") if read_info(p).get("job") == ident["job"]]
+    if ident["job"] and ident["restart"]:  # at any world size: an elastic restart (--nnodes 1:4) may have another
+        mine = [p for p in out.glob(default_base(cfg, "*")) if read_info(p).get("job") == ident["job"]]
         if mine:
             return max(mine, key=lambda p: read_info(p).get("created", "")).name
     slurm_id = os.environ.get("SLURM_JOB_ID")

@@ -119,7 +119,8 @@ class Trainer:
         with budget.phase("loaders"):
             self.train_loader, self.test_loader, self.loader_kind = data.loaders(cfg, d)
         self.steps = len(self.train_loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, step.lr_lambda(cfg, self.steps))
+        self.lr_at = step.lr_lambda(cfg, self.steps)  # × --lr: the rate of optimizer step t (from 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_at)
         self.fine_to_coarse = torch.tensor(self.manifest["fine_to_coarse"], device=self.device)
         self.num_superclasses = len(self.manifest["coarse_label_names"])
         if resume_path:
@@ -229,12 +230,12 @@ class Trainer:
             x = step.prepare_batch(images, cfg, gen, self.mem)
             loss, logits = step.train_step(self.net, x, labels, self.optimizer, self.scaler, self.criterion,
                                            self.amp_dtype, device)
+            self.step_logger.step(epoch * self.steps + i + 1, loss, self.scheduler)  # with the lr this step used
             self.scheduler.step()
             n = labels.shape[0]
             # no host→device tensor per step (it would wait for the GPU): n is added as a scalar argument
             sums[:2] += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()])
             sums[2] += n
-            self.step_logger.step(epoch * self.steps + i + 1, loss, self.scheduler)
             self.stopper.watch(i + 1, loss)
             stop, diverged = self.stopper.poll()
             if diverged:
@@ -304,7 +305,8 @@ class Trainer:
         self.per_superclass = test.pop("per_superclass")
         test.pop("test_count")  # the same every epoch: logged once, as the param test_images
         metrics = {"train_loss": train["train_loss"], "train_top1": train["train_top1"], **test,
-                   "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": train["images_per_s"],
+                   # the rate of the epoch's last step (the optimizer's is the next epoch's first)
+                   "lr": self.cfg.lr * self.lr_at((epoch + 1) * self.steps - 1), "images_per_s": train["images_per_s"],
                    "epoch_seconds": train_s + eval_s}
         trained = sum(h["epoch_seconds"] for h in self.history) + metrics["epoch_seconds"]
         for t in self.cfg.thresholds():  # time to accuracy, logged once, at the epoch that first reaches it

@@ -47,6 +47,9 @@ def test_a_restart_finds_the_run_its_job_created_and_a_new_job_never_does(tmp_pa
     rundir.RunDir(tmp_path, other).open(c, "sha", ident("slurm:c:42")).close()
     # that new job's requeue finds the newest directory of job 42, its own
     assert rundir.choose_name(c, 2, ident("slurm:c:42", restart=1)) == other
+    # also at another world size (an elastic torchrun --nnodes 1:4 restarts with the nodes it has): it began a new
+    # run, the old one's progress left behind
+    assert rundir.choose_name(c, 4, ident("slurm:c:42", restart=2)) == other
     # the same id on another cluster sharing the filesystem is not a restart of either
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert rundir.choose_name(c, 2, ident("slurm:d:42", restart=1)) not in (first, other)

@@ -105,6 +105,12 @@ def test_one_mlflow_run_with_every_metric_tag_and_the_model(trained, synthetic_d
     assert hits / 10 == pytest.approx(r.data.metrics["test_top1"], abs=0.11)  # within 1 image of 1000
     # step metrics every 10 of the 5 × 20 steps; system metrics sampled while it ran
     assert [m.step for m in c.get_metric_history(r.info.run_id, "step_train_loss")] == list(range(10, 101, 10))
+    # the learning rates logged are those the steps trained with (they were the next step's: the last epoch said 0).
+    # One-cycle at --lr 0.2 over 100 steps, 10 of warm-up: step t (from 0) trains at 0.2 (t+1)/11, then 0.2 (100-t)/90
+    at = [0.2 * ((t + 1) / 11 if t < 10 else (100 - t) / 90) for t in range(100)]
+    assert [m.value for m in c.get_metric_history(r.info.run_id, "step_lr")] == pytest.approx(at[9::10])
+    assert [m.value for m in sorted(c.get_metric_history(r.info.run_id, "lr"), key=lambda m: m.step)] == \
+        pytest.approx(at[19::20])
     assert any(k.startswith("system/cpu_utilization_percentage") for k in r.data.metrics), sorted(r.data.metrics)
     [version] = c.search_model_versions("name='cifar100-e2e'")
     assert version.run_id == r.info.run_id                    # --register-model registered this run's model
