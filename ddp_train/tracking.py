@@ -286,11 +286,11 @@ class Tracker:
         if self.run_id:
             self._guard("log_text", lambda: self.client.log_text(self.run_id, text, name))
 
-    def log_metrics(self, metrics: dict) -> None:
-        """Run-level metrics (e.g. the time budget), step 0."""
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        """Run-level metrics (e.g. the time budget, step 0), or metrics of an earlier epoch (step: that epoch)."""
         if self.run_id:
-            self.journal["metrics"].append((dict(metrics), 0))
-            self._guard("log_metrics", lambda: self._log_batch(metrics, 0), journaled=True)
+            self.journal["metrics"].append((dict(metrics), step))
+            self._guard("log_metrics", lambda: self._log_batch(metrics, step), journaled=True)
 
     def address(self) -> str:
         """Where a person opens the run: its URL on a server; on a local store, the command that serves it."""

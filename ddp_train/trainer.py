@@ -308,19 +308,35 @@ class Trainer:
                    # the rate of the epoch's last step (the optimizer's is the next epoch's first)
                    "lr": self.cfg.lr * self.lr_at((epoch + 1) * self.steps - 1), "images_per_s": train["images_per_s"],
                    "epoch_seconds": train_s + eval_s}
-        trained = sum(h["epoch_seconds"] for h in self.history) + metrics["epoch_seconds"]
-        for t in self.cfg.thresholds():  # time to accuracy, logged once, at the epoch that first reaches it
-            key = f"time_to_top1_{t:g}"
-            if metrics["test_top1"] >= t and not any(key in h for h in self.history):
-                metrics[key] = trained
         self.history.append(metrics)
+        earlier = self._time_to_accuracy()
         self.doing = "checkpointing"
         self.budget.epoch(attempt_s, eval_s)  # this process's wall-clock: not the earlier attempt's seconds
         self.tracker.log_epoch(metrics, epoch)  # before the line, so a printed epoch is already tracked
+        for reached, stamps in earlier.items():
+            self.tracker.log_metrics(stamps, step=reached)
         self.log(format_epoch(epoch, metrics), flush=True)
         if self.ckpt.due(epoch + 1):
             with self.budget.phase("checkpoints"):
                 self.ckpt.save(epoch + 1, 0, self.state_dict, self._rank_state())
+
+    def _time_to_accuracy(self) -> dict:
+        """Stamp each --tta-thresholds value not stamped yet on the first epoch that reached it: seconds of training
+        and evaluation until then. → {epoch: stamps} of the epochs before this one (a threshold a resume added,
+        reached before it), which the tracker logs at their step."""
+        earlier = {}
+        for t in self.cfg.thresholds():
+            key, spent = f"time_to_top1_{t:g}", 0.0
+            if any(key in h for h in self.history):
+                continue
+            for epoch, h in enumerate(self.history):
+                spent += h["epoch_seconds"]
+                if h["test_top1"] >= t:
+                    h[key] = spent
+                    if epoch < len(self.history) - 1:
+                        earlier.setdefault(epoch, {})[key] = spent
+                    break
+        return earlier
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -69,6 +69,26 @@ def test_an_exception_in_the_loop_ends_the_run_failed_and_frees_its_directory(sy
     assert found[-1].info.status == "FINISHED" and len(found[-1].data.metrics) > 0
 
 
+def test_a_threshold_a_resume_adds_is_stamped_on_the_epoch_that_first_reached_it(synthetic_data, tmp_path,
+                                                                                   mlflow_env):
+    """--tta-thresholds may change on a resume. A threshold that an epoch before the resume had reached was stamped
+    on the first epoch after it, with that epoch's time."""
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "3", "--tta-thresholds", "")
+    with Trainer(cfg, d, manifest) as t:  # two of the three epochs, each checkpointed; then this attempt ends
+        for epoch in (0, 1):
+            t.end_epoch(epoch, t.train_epoch(epoch), t.evaluate())
+        t.status = "KILLED"
+    first = t.history[0]
+    assert first["test_top1"] >= 2 and not any(k.startswith("time_to") for h in t.history for k in h)
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "3", "--tta-thresholds", "1")
+    with Trainer(cfg, d, manifest) as again:
+        assert again.train() == 0
+    assert [h.get("time_to_top1_1") for h in again.history] == [first["epoch_seconds"], None, None]
+    c, [r] = runs(mlflow_env)
+    assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "time_to_top1_1")] == \
+        [(0, pytest.approx(first["epoch_seconds"]))]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
 def test_a_full_disk_at_export_fails_the_run_in_one_line_and_keeps_the_final_checkpoint(synthetic_data, tmp_path,
                                                                                         mlflow_env):
