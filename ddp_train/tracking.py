@@ -1,4 +1,5 @@
 """MLflow tracking, on rank 0 only. Every call is guarded: tracking problems are reported, never fatal."""
+import logging
 import os
 import socket
 import warnings
@@ -11,6 +12,24 @@ from .config import redact
 def _reason(e: Exception) -> str:
     """One line for a warning: MLflow's API errors name the whole URL, credentials included, so it is redacted."""
     return f"{type(e).__name__}: {redact(str(e).splitlines()[0])[:200] if str(e) else ''}"
+
+
+class _Redacted(logging.Filter):
+    """MLflow's own log lines name whole URLs (system metrics: "Failed to get mlflow run: API request to <URL>
+    failed"): their credentials are hidden as everywhere else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "://" in text:
+            record.msg, record.args = redact(text), None
+        return True
+
+
+def redact_mlflow_logs() -> None:
+    """On the handlers MLflow gives its loggers when it is imported (it does not propagate to the root's)."""
+    for handler in logging.getLogger("mlflow").handlers:
+        if not any(isinstance(f, _Redacted) for f in handler.filters):
+            handler.addFilter(_Redacted())
 
 
 class DeletedExperiment(Exception):
@@ -70,6 +89,7 @@ class Tracker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import mlflow
+        redact_mlflow_logs()
         self.mlflow = mlflow
         # MLflow prints "View run … at: <tracking URI>/#/…" as a run ends: with the credentials a URI may carry.
         # The trainer prints the run's address itself, redacted.
@@ -343,6 +363,7 @@ class SystemMetrics:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            redact_mlflow_logs()
             self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
                                                 node_id=socket.gethostname() if label_node else None,
                                                 tracking_uri=tracking_uri or None)

@@ -269,6 +269,20 @@ def test_a_server_uri_in_capitals_is_a_server_that_fails_over(tmp_path, monkeypa
     t.finish("FINISHED")
 
 
+def test_mlflows_own_log_lines_hide_credentials(tmp_path, capfd):
+    """MLflow's system-metrics thread logs "Failed to get mlflow run: API request to <URL> failed" when a server
+    goes away mid-run: with the URL's credentials."""
+    import logging
+
+    from ddp_train.tracking import Tracker
+    Tracker(True, f"sqlite:///{tmp_path}/mlflow.db", "e", fallback_dir=tmp_path)
+    capfd.readouterr()
+    logging.getLogger("mlflow.system_metrics.system_metrics_monitor").warning(
+        "Failed to get mlflow run: API request to %s failed", f"http://alice:{SECRET}@h:5000/api/2.0/mlflow/runs/get")
+    err = capfd.readouterr().err
+    assert "API request to http://***@h:5000/api/2.0/mlflow/runs/get failed" in err and SECRET not in err, err
+
+
 def test_the_tags_of_a_user_without_a_passwd_entry(tmp_path):
     """docker run --user UID, a Kubernetes runAsUser: no passwd entry and no USER. getpass.getuser() raised and
     every run failed as it started, --no-mlflow too (the tags are built on every rank)."""
