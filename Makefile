@@ -96,9 +96,15 @@ mlflow-ui: setup ## MLflow UI on 127.0.0.1 (PORT=5000) over the default store ./
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(PORT)
 
+# what mlflow-server says jobs should do: a server on 127.0.0.1 serves this machine only, and MLflow 3 answers only
+# requests addressed to the names in ALLOWED_HOSTS (403 "Invalid Host header" for any other)
+SERVER_HINT = $(if $(filter 127.0.0.1 localhost,$(HOST)),$(HINT_LOCAL),$(HINT_JOBS))
+HINT_LOCAL = this machine only; for jobs on other nodes: make mlflow-server HOST=0.0.0.0 ALLOWED_HOSTS=<this host>,<this host>:$(PORT)
+HINT_JOBS = jobs: export MLFLOW_TRACKING_URI=http://<a name in ALLOWED_HOSTS>:$(PORT)$(if $(ALLOWED_HOSTS),, (none given: set ALLOWED_HOSTS))
+
 mlflow-server: setup ## tracking server for multi-node jobs: sqlite + served artifacts in mlflow-server/ (HOST, PORT)
 	@mkdir -p mlflow-server/artifacts
-	@echo "MLflow server: http://$(HOST):$(PORT)  — jobs: export MLFLOW_TRACKING_URI=http://<this host>:$(PORT)"
+	@echo "MLflow server: http://$(HOST):$(PORT)  — $(SERVER_HINT)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db --artifacts-destination $(CURDIR)/mlflow-server/artifacts \
 	  --host $(HOST) --port $(PORT) --workers 1 $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))

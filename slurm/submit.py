@@ -42,7 +42,8 @@ class TrainJob:
 
     def __call__(self) -> int:
         import submitit
-        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # overwrite: the submitting shell's MASTER_PORT, RANK, … (sbatch exports them) are not this job's
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))
         from ddp_train.train import EXIT_REQUEUE, main
         code = main(self.trainer_args)

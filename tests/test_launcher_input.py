@@ -99,6 +99,9 @@ SBATCH = {  # case: (variables changed, trainer flags, exit status, the one line
     "no data at --data-dir": ({}, [*RECIPE, "--data-dir", "elsewhere"], 1, (  # the flag wins over DATA_DIR (data/)
         "error: no prepared data in elsewhere/ (no manifest.json); run make prep-data on a node with the data, or "
         "point --data-dir or DATA_DIR at it")),
+    "no data at the config's data_dir": ({}, [*RECIPE, "--config", "run.yaml"], 1, (  # it checked and trained data/
+        "error: no prepared data in elsewhere/ (no manifest.json); run `make prep-data` or `python -m data_prep --out "
+        "elsewhere --source …`")),
     "bad trainer value": ({}, [*RECIPE, "--lr", "-1"], 2, "error: --lr must be positive, got -1.0"),
     "batch vs world size": ({"NPROC_PER_NODE": "3"}, RECIPE, 2,
                             "error: --batch-size 100 is not divisible by the world size 3; use a multiple of 3"),
@@ -109,7 +112,8 @@ SBATCH = {  # case: (variables changed, trainer flags, exit status, the one line
 def test_sbatch_script_rejects_bad_input_in_one_line_before_any_worker(synthetic_data, tmp_path, case):
     changes, trainer, code, line = SBATCH[case]
     (tmp_path / "data").symlink_to(synthetic_data)
+    (tmp_path / "run.yaml").write_text("data_dir: elsewhere\n")
     p = subprocess.run(["bash", ROOT / "slurm" / "train.sbatch", *trainer], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120, check=False, env=sbatch_env(SLURM_SUBMIT_DIR=str(tmp_path), **changes))
     assert (p.returncode, error_lines(p.stderr)) == (code, [line]), p.stderr
-    assert p.stdout == "" and os.listdir(tmp_path) == ["data"]  # no job line, no .slurm-failures/, no runs/
+    assert p.stdout == "" and sorted(os.listdir(tmp_path)) == ["data", "run.yaml"]  # no job line, failures, runs/

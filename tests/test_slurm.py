@@ -43,7 +43,9 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sbatch_run(cluster, synthetic_data, tmp_path_factory):
     work = workdir(tmp_path_factory.mktemp("sbatch"), synthetic_data)
-    p = sbatch(cluster, work, SBATCH, *RECIPE)
+    # --ntasks-per-node=2: the allocation's tasks used to start two torchruns on the node (one crashed, the job
+    # FAILED and was requeued after training had finished); srun now starts one per node whatever sbatch was given
+    p = sbatch(cluster, work, "--ntasks-per-node=2", "--cpus-per-task=1", SBATCH, *RECIPE)
     assert p.returncode == 0, p.stderr
     job = p.stdout.strip()
     final = wait_for(cluster, job, DONE)
@@ -118,6 +120,20 @@ def test_submitit_job_preempted_requeues_through_submitit_and_resumes(cluster, s
     assert EPOCH_LINE.findall(log) == EPOCH_LINE.findall(sbatch_log)
     r, steps = only_run(work)
     assert r.info.status == "FINISHED" and steps["test_top1"] == list(range(EPOCHS))
+
+
+def test_input_the_trainer_refuses_as_it_starts_is_not_requeued(cluster, synthetic_data, tmp_path):
+    """Bad input that --check cannot see (a run directory holding checkpoints, and --resume never) fails with the
+    trainer's exit 2: no attempt would fix it, and the script requeued it MAX_FAILURES times."""
+    work = workdir(tmp_path, synthetic_data)
+    (work / "runs" / "r" / "checkpoints").mkdir(parents=True)
+    (work / "runs" / "r" / "checkpoints" / "ckpt_e0001_s000000.pt").write_bytes(b"")
+    job = sbatch(cluster, work, SBATCH, *RESIDENT, "--run-name", "r", "--resume", "never").stdout.strip()
+    assert wait_for(cluster, job, DONE) == "FAILED"
+    log = (work / f"cifar100-ddp-{job}.log").read_text()
+    assert "--resume never would overwrite them" in log and "(restart 1)" not in log, log[-3000:]
+    assert "trainer refused its input (exit 2, the error line above), not requeueing: fix it and resubmit" in log
+    assert not list((work / ".slurm-failures").iterdir())  # not counted as a failure to retry
 
 
 @pytest.mark.parametrize("case", ["partition", "gpus", "no-data"])

@@ -8,14 +8,19 @@ from conftest import run
 RECIPE = ["--preset", "cpu-demo", "--width", "8", "--epochs", "2", "--batch-size", "100", "--loader", "resident"]
 
 
-def submit(work, *args):
+def submit(work, *args, env=None):
     return run([sys.executable, "-m", "slurm.submit", "--local", "--gpus-per-node", "0", "--tasks-per-node", "2",
-                *args], cwd=work, env={"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}, timeout=600)
+                *args], cwd=work, env={"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", **(env or {})},
+               timeout=600)
 
 
 def test_local_launcher_trains_two_tasks_and_waits(synthetic_data, tmp_path):
     (tmp_path / "data").symlink_to(synthetic_data)
-    p = submit(tmp_path, "--wait", "--", *RECIPE)
+    # submitted from a shell that has a process group's variables (inside a torchrun or another job): every task
+    # failed on submitit's refusal to overwrite them; the job's own are set
+    shell = {"MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "29500", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5",
+             "LOCAL_WORLD_SIZE": "8"}
+    p = submit(tmp_path, "--wait", "--", *RECIPE, env=shell)
     assert p.returncode == 0, p.stdout + p.stderr
     job = re.search(r"submitted job (\d+) \(local\): 1 node\(s\) × 2 task\(s\); logs (\S+)", p.stdout)
     assert job and "finished" in p.stdout
