@@ -117,14 +117,14 @@ def test_a_signal_in_an_epoch_of_one_step_stops_the_run_there(synthetic_data, tm
     """With one step per epoch (the whole set in one batch) and 2 ranks, the stop flags were read only by a poll
     in the next step of the same epoch, which never came: SIGUSR2/SIGTERM went unheeded until the job was killed.
     Now the epoch's end agrees on them: checkpoint at the step, exit 3, and the rerun resumes from it."""
-    args = ["--epochs", "3", "--batch-size", str(N_TRAIN), "--run-name", "one"]
+    args = ["--epochs", "2", "--batch-size", str(N_TRAIN), "--run-name", "one"]
     p = run(faulty(synthetic_data, *args), cwd=tmp_path, env={"STOP_AT": "2"})  # epoch 1's only step
     ckpt = tmp_path / "runs" / "one" / "checkpoints" / "ckpt_e0001_s000001.pt"
     assert p.returncode == 3 and ckpt.is_file(), p.stdout[-2000:] + p.stderr[-2000:]
     assert f"stopped by signal 12 at epoch 1, step 1; checkpoint {ckpt.relative_to(tmp_path)}" in p.stdout
     again = run(ddp(2, synthetic_data, "--no-mlflow", *args), cwd=tmp_path, check=True)
     assert f"resuming from {ckpt.relative_to(tmp_path)}: epoch 1, step 1 of 1" in again.stdout
-    assert [x[:7] for x in again.stdout.splitlines() if x.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+    assert [x[:7] for x in again.stdout.splitlines() if x.startswith("epoch ")] == ["epoch 1"]
 
 
 def test_a_loss_that_diverges_after_a_checkpoint_names_it_though_it_was_written_in_the_background(synthetic_data,

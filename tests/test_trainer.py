@@ -73,17 +73,16 @@ def test_a_threshold_a_resume_adds_is_stamped_on_the_epoch_that_first_reached_it
                                                                                    mlflow_env):
     """--tta-thresholds may change on a resume. A threshold that an epoch before the resume had reached was stamped
     on the first epoch after it, with that epoch's time."""
-    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "3", "--tta-thresholds", "")
-    with Trainer(cfg, d, manifest) as t:  # two of the three epochs, each checkpointed; then this attempt ends
-        for epoch in (0, 1):
-            t.end_epoch(epoch, t.train_epoch(epoch), t.evaluate())
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--tta-thresholds", "")
+    with Trainer(cfg, d, manifest) as t:  # the first of the two epochs, checkpointed; then this attempt ends
+        t.end_epoch(0, t.train_epoch(0), t.evaluate())
         t.status = "KILLED"
     first = t.history[0]
-    assert first["test_top1"] >= 2 and not any(k.startswith("time_to") for h in t.history for k in h)
-    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--epochs", "3", "--tta-thresholds", "1")
+    assert first["test_top1"] >= 1 and not any(k.startswith("time_to") for h in t.history for k in h)
+    cfg, d, manifest = setup(synthetic_data, tmp_path, mlflow_env, "--tta-thresholds", "1")
     with Trainer(cfg, d, manifest) as again:
         assert again.train() == 0
-    assert [h.get("time_to_top1_1") for h in again.history] == [first["epoch_seconds"], None, None]
+    assert [h.get("time_to_top1_1") for h in again.history] == [first["epoch_seconds"], None]
     c, [r] = runs(mlflow_env)
     assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "time_to_top1_1")] == \
         [(0, pytest.approx(first["epoch_seconds"]))]
