@@ -5,7 +5,7 @@
 On one NVIDIA H100 the default recipe (ResNet-18, bf16, channels_last, batch 512, 40 epochs) took 71 s from
 `make train` to exit, 45 s of it steady training at ~47,000 images/s, with MLflow on (docs/performance.md,
 measured 2026-11-26 on a full-size synthetic set); its accuracy on CIFAR-100 is not measured yet. On 2 CPU cores,
-`make train`'s demo spends 41 s in the trainer for 4 epochs, MLflow included (measured from a fresh clone).
+`make train`'s demo spends 43 s in the trainer for 4 epochs, MLflow included (measured from a fresh clone).
 
 This file is the entry point: the checks that run before anything starts (also `--check`), the process group,
 and one Trainer (trainer.py) whose exit ends the run with the right status.
