@@ -337,12 +337,13 @@ def preflight(cfg: Config, world_size: int, gpus: bool, full: bool | None = None
     cfg.validate(world_size)
     if cfg.sync_bn and not gpus:
         raise ConfigError("--sync-bn needs GPUs (gloo has no SyncBatchNorm); on CPU use --norm gn or drop it")
-    limit = ("--cpus-per-task", cores) if cores else ("NUMBA_NUM_THREADS", cpu_cores()) \
-        if os.environ.get("NUMBA_NUM_THREADS") else ("its CPU affinity", cpu_cores())
-    if cfg.num_workers > limit[1]:
-        raise ConfigError(f"--num-workers {cfg.num_workers} exceeds the {limit[1]} CPU core(s) each training process "
-                          f"may use ({limit[0]}; FFCV runs at most one loader thread per core): pass --num-workers "
-                          f"{limit[1]} or fewer, or give each process more cores")
+    why = "--cpus-per-task" if cores else "NUMBA_NUM_THREADS" if os.environ.get("NUMBA_NUM_THREADS") else \
+        "its CPU affinity"
+    cores = cores or cpu_cores()
+    if cfg.num_workers > cores:
+        raise ConfigError(f"--num-workers {cfg.num_workers} exceeds the {cores} CPU core(s) each training process may "
+                          f"use ({why}; FFCV runs at most one loader thread per core): pass --num-workers {cores} or "
+                          "fewer, or give each process more cores")
     if not files.writable(cfg.out_dir):
         raise ConfigError(f"--out-dir {cfg.out_dir} is not a writable directory; choose one this job can write")
     if cfg.mlflow and (store := file_store(cfg.tracking_uri)):

@@ -117,8 +117,8 @@ class Tracker:
             return fn()
         except Exception as e:  # tracking must never stop training
             reason = _reason(e)
-            unusable = self.unusable or isinstance(e, DeletedExperiment)
-            if (self.remote or unusable) and self.fallback is None and self._fall_back(reason, bool(unusable)):
+            unusable = bool(self.unusable) or isinstance(e, DeletedExperiment)
+            if (self.remote or unusable) and self.fallback is None and self._fall_back(reason, unusable):
                 if journaled:
                     return None
                 try:
@@ -203,7 +203,7 @@ class Tracker:
                     self.logged_epochs = {m.step for m in self.client.get_metric_history(self.run_id, "test_top1")}
                     self.steps_held = max((m.step for m in self.client.get_metric_history(
                         self.run_id, "step_train_loss")), default=0)
-                    # E. a run stays in its experiment: say which, not the one this attempt names
+                    # a run stays in its experiment: say which, not the one this attempt names
                     held = self.client.get_experiment(self.experiment_id).name
                     if held != self.experiment:
                         self.log(f"note: run {resume_run_id} is in experiment '{held}', not '{self.experiment}' "

@@ -223,6 +223,7 @@ class Trainer:
             sums = self.rank_state["sums"].to(device)
             elapsed = self.rank_state["seconds"]
         t0 = time.perf_counter()
+        done = skip  # steps of this epoch trained
         self.train_loader.next_epoch = epoch  # the data order is a function of (seed, epoch)
         for i, (images, labels) in enumerate(self._progress(epoch, skip)):
             if i < skip:
@@ -237,16 +238,20 @@ class Trainer:
             sums[:2] += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()])
             sums[2] += n
             self.stopper.watch(i + 1, loss)
+            done = i + 1
             stop, diverged = self.stopper.poll()
             if diverged:
                 self._diverged(epoch)
             if stop:
-                return self._stop(epoch, i + 1, gen, sums, elapsed + time.perf_counter() - t0)
+                break
+        # Every check still in flight, agreed: a loss that went non-finite in the steps before an agreed stop is
+        # never checkpointed, and a stop asked for in the epoch's last step (or its only one) is not left to a poll
+        # that never comes.
         stop, diverged = self.stopper.settle()
         if diverged:
             self._diverged(epoch)
-        if stop:  # asked for during the epoch's last step (or its only one): no poll is left to act on it
-            return self._stop(epoch, self.steps, gen, sums, elapsed + time.perf_counter() - t0)
+        if stop:
+            return self._stop(epoch, done, gen, sums, elapsed + time.perf_counter() - t0)
         self.step_logger.flush()
         loss_sum, correct, seen = dist.all_reduce_sum(sums).tolist()
         seconds = elapsed + time.perf_counter() - t0
@@ -254,10 +259,7 @@ class Trainer:
                 "train_seconds": seconds, "attempt_seconds": time.perf_counter() - t0}
 
     def _stop(self, epoch: int, step: int, gen, sums, seconds: float) -> None:
-        """Every rank agreed to stop after `step`: checkpoint there and say so → None. Not when a loss went
-        non-finite in the steps whose checks were still in flight: a resume would start from that state."""
-        if self.stopper.settle()[1]:
-            self._diverged(epoch)
+        """Every rank agreed to stop after `step`, and that no loss went non-finite: checkpoint there, say so."""
         self.step_logger.flush()  # the last step metric logged before the stop, not lost with it
         with self.budget.phase("checkpoints"):
             target = self.ckpt.save(epoch, step, self.state_dict, self._rank_state(gen, sums, seconds), wait=True)

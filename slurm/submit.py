@@ -42,9 +42,9 @@ class TrainJob:
 
     def __call__(self) -> int:
         import submitit
-        # overwrite: the submitting shell's MASTER_PORT, RANK, … (sbatch exports them) are not this job's
-        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))
+        # overwrite: the submitting shell's MASTER_PORT, RANK, … (sbatch exports them) are not this job's; it sets
+        # LOCAL_WORLD_SIZE too
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         from ddp_train.train import EXIT_REQUEUE, main
         code = main(self.trainer_args)
         if code == EXIT_REQUEUE:
